@@ -1,0 +1,5 @@
+import sys
+
+from napari_gpfm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Errors a user can cause, each carrying one readable line.
+
+Everything the user can get wrong (a path, a file, a parameter, a weights file, a store)
+raises a subclass of :class:`GPFMError`. Its message names the thing and says what to do.
+The CLI prints ``error: <message>`` and exits with code 2; the napari widgets show the
+message as a notification. Anything else that escapes is a bug in napari-gpfm.
+"""
+
+from __future__ import annotations
+
+
+class GPFMError(Exception):
+    """A problem with the user's input, explained in one line."""
+
+    exit_code = 2
+
+
+class SlideError(GPFMError):
+    """A slide file cannot be opened or read (missing, not a slide, truncated, no MPP...)."""
+
+
+class ParameterError(GPFMError):
+    """A parameter value is out of range or inconsistent with the others."""
+
+
+class WeightsError(GPFMError):
+    """A weights file is missing, unsafe, or does not fit the requested encoder."""
+
+
+class EncoderNotFoundError(GPFMError):
+    """No encoder of that name is registered."""
+
+
+class StoreError(GPFMError):
+    """An embedding store is missing, corrupted, or was made with another identity."""
+
+
+class ConfigError(GPFMError):
+    """A configuration or manifest file is invalid."""
+
+
+class IndexError_(GPFMError):
+    """A library index is missing, corrupted or stale (named to avoid shadowing IndexError)."""

@@ -1,0 +1,72 @@
+"""npe2 reader: a whole-slide image as one multiscale RGB layer in micrometres."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from napari_gpfm.slides import SLIDE_SUFFIXES
+
+# Slides backing open layers: the dask pyramid reads through the slide's file handle, so the
+# Slide must outlive the reader call. Keyed by resolved path; reopening the same file reuses it.
+_OPEN_SLIDES: dict[str, Any] = {}
+
+
+def _open_cached(path: str | Path, mpp: float | None = None):
+    from napari_gpfm.slides import open_slide
+
+    key = str(Path(path).resolve())
+    slide = _OPEN_SLIDES.get(key)
+    if slide is None or (mpp is not None and slide.mpp_source != "user"):
+        slide = open_slide(path, mpp=mpp)
+        _OPEN_SLIDES[key] = slide
+    return slide
+
+
+def get_reader(path):
+    """Return a reader for slide files tiffslide can open, else None. Never raises."""
+    if isinstance(path, list | tuple):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    try:
+        p = Path(path)
+        if not p.name.lower().endswith(SLIDE_SUFFIXES) or not p.is_file():
+            return None
+        _open_cached(p)
+    except Exception:  # napari asks every reader; declining is how we say "not ours"
+        return None
+    return read_slide
+
+
+def slide_layer_data(slide) -> tuple[list, dict, str]:
+    """The layer-data tuple for a slide: its pyramid with physical scale and metadata."""
+    meta = {
+        "gpfm_slide": {
+            "path": str(slide.path),
+            "fingerprint": slide.fingerprint,
+            "mpp": slide.mpp if slide.has_mpp else None,
+            "dimensions": list(slide.dimensions),
+            "vendor": slide.vendor,
+            "objective_power": slide.objective_power,
+        }
+    }
+    kwargs: dict[str, Any] = {
+        "name": slide.path.name,
+        "multiscale": True,
+        "rgb": True,
+        "contrast_limits": [0, 255],  # auto-contrast on a lazy pyramid would read the whole slide
+        "metadata": meta,
+    }
+    if slide.has_mpp:
+        mx, my = slide.mpp_xy
+        kwargs["scale"] = (my, mx)
+        kwargs["units"] = ("um", "um")
+    return slide.levels, kwargs, "image"
+
+
+def read_slide(path) -> list[tuple]:
+    if isinstance(path, list | tuple):
+        path = path[0]
+    slide = _open_cached(path)
+    return [slide_layer_data(slide)]

@@ -1,0 +1,30 @@
+"""Shared test fixtures.
+
+Viewer tests need an X display with OpenGL: pytest-xvfb starts Xvfb and Qt draws through xcb
+(Qt's offscreen platform has no OpenGL, so napari's canvas would render black).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+# Test helper modules (slide_factory, ...) import by name from the tests folder.
+sys.path.insert(0, str(TESTS_DIR))
+
+
+@pytest.fixture(scope="session")
+def sample_slide_path() -> Path:
+    from napari_gpfm.data.sample import sample_slide_path
+
+    return sample_slide_path()
+
+
+@pytest.fixture(scope="session")
+def extra_he_dir() -> Path:
+    return REPO_ROOT / "data" / "extra-he"
