@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except GPFMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `gpfm ... | head`: the reader left; nothing more to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; run the same command again to resume",
               file=sys.stderr)

@@ -7,17 +7,22 @@ bad file fails with one readable line at open time instead of deep inside a read
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
+import numbers
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_gpfm.errors import ParameterError, SlideError
+from napari_gpfm.errors import GPFMError, ParameterError, SlideError
+
+_log = logging.getLogger(__name__)
 
 # Formats tiffslide reads; the napari reader uses the same list for its filename patterns.
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".scn", ".bif")
@@ -57,6 +62,23 @@ def _describe_magic(head: bytes) -> str:
         return "not a TIFF file"
 
 
+def _is_pixel_size(value: Any) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0.01 <= value <= 100
+    )
+
+
+def _first_line(exc: BaseException, messages: list[logging.LogRecord]) -> str:
+    """The most telling one-line detail: what tifffile logged first, else the exception."""
+    if messages:
+        return f"tifffile: {messages[0].getMessage().splitlines()[0]}"
+    text = str(exc).splitlines()[0] if str(exc) else "no detail"
+    return f"{type(exc).__name__}: {text}"
+
+
 def _check_path(path: Path) -> None:
     if not path.exists():
         raise SlideError(f"slide not found: {path} (check the path)")
@@ -78,9 +100,30 @@ def _check_path(path: Path) -> None:
 
 
 def _check_not_truncated(path: Path, tif: Any) -> None:
-    """A truncated file still parses its first IFDs; its tiles point past the end of the file."""
+    """A truncated file still parses its first IFDs; its tiles or later IFDs lie past its end.
+
+    Pyramid levels stored in SubIFDs are checked too: tifffile silently drops a level whose IFD
+    is missing, which would make a cut-off pyramid look like a valid one with fewer levels.
+    """
     size = path.stat().st_size
-    for page in tif.pages:
+    if len(tif.pages) == 0:
+        raise SlideError(
+            f"{path} is truncated or corrupted: it holds no readable image; "
+            "copy or download it again"
+        )
+    pages = list(tif.pages)
+    for series in tif.series:
+        for level in series.levels:
+            pages.extend(level.pages)
+    for page in pages:
+        if page is None:
+            continue
+        beyond = [o for o in (getattr(page, "subifds", None) or ()) if o >= size]
+        if beyond:
+            raise SlideError(
+                f"{path} is truncated: a pyramid level starts at byte {beyond[0]:,} but the file "
+                f"has {size:,} bytes; copy or download it again"
+            )
         offsets = getattr(page, "dataoffsets", ())
         counts = getattr(page, "databytecounts", ())
         if not offsets:
@@ -91,6 +134,36 @@ def _check_not_truncated(path: Path, tif: Any) -> None:
                 f"{path} is truncated: its image data ends at byte {end:,} but the file has "
                 f"{size:,} bytes; copy or download it again"
             )
+
+
+class _ThreadRecords(logging.Handler):
+    """Collects the log records that one thread emits (other threads' records are ignored)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.thread = threading.get_ident()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.records.append(record)
+
+
+@contextlib.contextmanager
+def _tifffile_messages() -> Iterator[list[logging.LogRecord]]:
+    """Catch what tifffile logs while it parses a file.
+
+    tifffile reports a damaged file by logging warnings and carrying on; without a handler
+    Python prints them to stderr, around the one-line error the user should see. Collected
+    here, they become the detail of that error, or a warning on our logger if the file opens.
+    """
+    handler = _ThreadRecords()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
 
 
 def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
@@ -111,16 +184,22 @@ def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _chunks_for(native: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
-    """Dask chunk (rows, cols): whole native tiles, at least MIN_CHUNK, strips regrouped."""
-    out = []
-    for n, full in zip(native, shape, strict=True):
-        n = max(1, int(n))
-        if n < 64:  # strips or tiny tiles: group into square blocks
-            c = STRIP_CHUNK
-        else:
-            c = n * max(1, math.ceil(MIN_CHUNK / n))
-        out.append(min(c, full))
-    return out[0], out[1]
+    """Dask chunk (rows, cols): whole native tiles, at least MIN_CHUNK, strips regrouped.
+
+    A strip (a few rows, or a band as wide as the image) becomes square blocks of about
+    STRIP_CHUNK a side: a viewer showing part of the image then decodes a block, not rows
+    spanning the whole width, and the dask graph stays small.
+    """
+    rows, cols = max(1, int(native[0])), max(1, int(native[1]))
+    height, width = int(shape[0]), int(shape[1])
+    is_strip = rows < 64 or (rows < cols and cols >= width > STRIP_CHUNK and rows < height)
+    if is_strip:
+        r = rows * max(1, round(STRIP_CHUNK / rows))
+        c = STRIP_CHUNK
+    else:
+        r = rows * max(1, math.ceil(MIN_CHUNK / rows))
+        c = cols * max(1, math.ceil(MIN_CHUNK / cols))
+    return min(r, height), min(c, width)
 
 
 class Slide:
@@ -135,22 +214,36 @@ class Slide:
 
         self.path = Path(path).expanduser()
         _check_path(self.path)
-        try:
-            self._ts = tiffslide.TiffSlide(str(self.path))
-        except Exception as exc:  # tifffile raises many kinds; all mean "cannot parse"
-            raise SlideError(
-                f"cannot read {self.path} as a slide: the file is corrupted or truncated "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
-            ) from None
-        try:
-            self._validate()
-        except Exception:
-            self.close()
-            raise
-        if mpp is not None:
-            if not (isinstance(mpp, int | float) and math.isfinite(mpp) and 0.01 <= mpp <= 100):
+        self._ts = None
+        with _tifffile_messages() as messages:
+            try:
+                self._ts = tiffslide.TiffSlide(str(self.path))
+                self._validate()
+            except GPFMError:
                 self.close()
-                raise ParameterError(f"mpp={mpp!r} is not a pixel size in um/px (0.01 - 100)")
+                raise
+            except NotImplementedError as exc:  # tiffslide: a valid TIFF it cannot lay out
+                self.close()
+                raise SlideError(
+                    f"{self.path} is not a layout napari-gpfm can read as a slide "
+                    f"({str(exc).splitlines()[0] if str(exc) else 'unsupported'}); "
+                    "convert it to a tiled pyramidal RGB TIFF"
+                ) from None
+            except Exception as exc:  # tifffile raises many kinds; all mean "cannot parse"
+                self.close()
+                raise SlideError(
+                    f"cannot read {self.path} as a slide: the file is corrupted or truncated "
+                    f"({_first_line(exc, messages)}); copy or download it again"
+                ) from None
+        for record in messages:  # the file opened: tifffile's complaints were not fatal
+            _log.warning("%s: %s", self.path, record.getMessage())
+        if mpp is not None:
+            if not _is_pixel_size(mpp):
+                self.close()
+                raise ParameterError(
+                    f"mpp={mpp!r} for {self.path} is not a pixel size: pass the level-0 microns "
+                    "per pixel, between 0.01 and 100 (about 0.25 for 40x, 0.5 for 20x)"
+                )
             self._mpp_xy: tuple[float, float] | None = (float(mpp), float(mpp))
             self.mpp_source = "user"
         else:
@@ -313,6 +406,8 @@ class Slide:
 
     # ------------------------------------------------------------------ pixels
     def _zarr_level(self, level: int):
+        if self._ts is None:
+            raise SlideError(f"{self.path} was closed; open it again with open_slide()")
         # tiffslide caches its zarr group per thread, so this is safe from loader threads.
         return self._ts.zarr_group[str(level)]
 
@@ -361,7 +456,14 @@ class Slide:
         xa, ya = max(x0, 0), max(y0, 0)
         xb, yb = min(x0 + w, W), min(y0 + h, H)
         if xa < xb and ya < yb:
-            block = np.asarray(arr[ya:yb, xa:xb])
+            try:
+                block = np.asarray(arr[ya:yb, xa:xb])
+            except Exception as exc:  # a damaged tile inside an otherwise valid file
+                raise SlideError(
+                    f"cannot decode pixels of {self.path} at level {level}, x {xa}-{xb}, "
+                    f"y {ya}-{yb}: the file is damaged there ({type(exc).__name__}); "
+                    "re-export or re-scan the slide"
+                ) from None
             out[ya - y0 : yb - y0, xa - x0 : xb - x0] = _to_rgb(block)
         return out
 
@@ -421,6 +523,8 @@ class Slide:
         self.close()
 
     def __repr__(self) -> str:
+        if getattr(self, "_ts", None) is None:
+            return f"Slide({self.path.name!r}, closed)"
         w, h = self.dimensions
         mpp = f"{self.mpp:.3f} um/px" if self.has_mpp else "mpp unknown"
         return f"Slide({self.path.name!r}, {w}x{h}, {self.level_count} levels, {mpp})"

@@ -1,0 +1,68 @@
+"""Small helpers shared by the `gpfm` subcommands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from napari_gpfm.errors import ParameterError
+
+
+def parse_roi(text: str):
+    """``x,y,w,h`` (rectangle) or ``x,y`` (point), level-0 pixels -> Roi."""
+    from napari_gpfm.analysis.geometry import Roi
+
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) == 4:
+        return Roi.rectangle(*vals)
+    if len(vals) == 2:
+        return Roi.point(*vals)
+    raise ParameterError(
+        f"--roi {text!r} must be 'x,y,w,h' (a rectangle) or 'x,y' (a point) in level-0 pixels"
+    )
+
+
+def open_store(path: str | Path):
+    from napari_gpfm.embedding.store import EmbeddingStore
+    from napari_gpfm.errors import StoreError
+
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"embedding store not found: {p}; make one with `gpfm embed SLIDE`")
+    return EmbeddingStore.open(p)
+
+
+def slide_thumbnail(store, max_size: int = 1600):
+    """The store's slide as a thumbnail, or None when the slide file is not at hand."""
+    from napari_gpfm.slides import open_slide
+
+    path = store.attrs.get("slide_path")
+    if not path or not Path(path).is_file():
+        return None
+    with open_slide(path, mpp=store.attrs.get("slide_mpp")) as slide:
+        if slide.fingerprint != store.attrs.get("slide_fingerprint"):
+            return None  # the file at that path changed since it was embedded
+        return slide.thumbnail(max_size)
+
+
+def write_view(view, out: str | Path, thumbnail=None, cmap: str = "viridis") -> Path:
+    """A StoreView as PNG (over the thumbnail) or as a float/label TIFF, by file suffix."""
+    from napari_gpfm.analysis.rasters import write_map_png, write_map_tiff
+
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".png":
+        kwargs = {}
+        if view.colours is not None:
+            kwargs["colours"] = view.colours
+        elif view.kind == "similarity":
+            kwargs.update(vmin=float(view.values.min()), vmax=float(view.values.max()))
+        return write_map_png(out, view.raster, thumbnail=thumbnail, cmap=cmap, **kwargs)
+    if suffix in (".tif", ".tiff"):
+        extra = {"kind": view.kind, **{k: v for k, v in view.provenance.items() if k != "tiling"}}
+        if view.class_names:
+            extra["class_names"] = view.class_names
+        return write_map_tiff(out, view.raster, mpp=view.provenance.get("slide_mpp"), extra=extra)
+    raise ParameterError(f"--out {out}: use a .png (picture) or .tif (raw values) file name")

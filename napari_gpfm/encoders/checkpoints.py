@@ -1,0 +1,108 @@
+"""Reading weights files safely, and fingerprinting them.
+
+Pickle-based files go through ``torch.load(weights_only=True)``, whose restricted unpickler
+only rebuilds tensors and plain containers: a file that holds any other Python object is
+refused before that object is constructed, so nothing in it runs. ``.safetensors`` files hold
+no code at all. The format is sniffed from the bytes, not trusted from the suffix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from napari_gpfm.errors import WeightsError
+
+_CHUNK = 1 << 20
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def weights_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sniff_format(path: Path) -> str:
+    """``"safetensors"``, ``"torch-zip"`` or ``"pickle"`` from the first bytes of ``path``."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if len(head) == 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
+            return "safetensors"
+    return "pickle"
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """Load a weights file without executing anything in it.
+
+    Returns what the file holds: a state dict, or a dict wrapping one (``{'teacher': ...}``,
+    ``{'state_dict': ...}``...). Raises :class:`WeightsError` for a missing, unreadable or
+    unsafe file (a pickle that holds anything but tensors and plain containers).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise WeightsError(f"weights file {path} does not exist; check the --weights path")
+    if not path.is_file():
+        raise WeightsError(f"weights path {path} is not a file; pass the checkpoint file itself")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"weights file {path} is empty; download it again")
+    kind = sniff_format(path)
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(
+            f"weights file {path} is a damaged safetensors file ({_first_line(exc)}); "
+            "download or export it again"
+        ) from None
+
+
+def _read_torch(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        if "weights only" in message.lower() or "weights_only" in message:
+            found = re.search(r"GLOBAL ([\w.]+)", message)
+            what = f" ({found.group(1)})" if found else ""
+            raise WeightsError(
+                f"refused to load {path}: it holds Python objects{what}, not just tensors, "
+                "and unpickling them could run code; save a plain state dict "
+                "(torch.save(model.state_dict())) or a .safetensors file instead"
+            ) from None
+        raise WeightsError(
+            f"weights file {path} is not a PyTorch or safetensors checkpoint ({_first_line(exc)})"
+        ) from None
+    except Exception as exc:  # the restricted unpickler fails in many ways on foreign bytes
+        raise WeightsError(
+            f"weights file {path} is not a readable PyTorch or safetensors checkpoint "
+            f"({_first_line(exc)}); download it again"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
