@@ -185,9 +185,10 @@ def _embed_one(path: Path, args, encoder, spec_kwargs: dict) -> SlideOutcome:
             )
             existing = EmbeddingStore.open(store_path, expected)
             if existing.is_complete and (existing.has_patch_tokens or not args.patch_tokens):
+                print(f"{path.name}: already complete: {store_path}")
                 _export_if_asked(args, existing, export_h5)
                 return SlideOutcome(path, "skipped", existing.n_tiles, 0, None,
-                                    f"already complete: {store_path}")
+                                    "already complete")
         grid = make_grid(slide, spec)
         store = prepare_store(
             store_path, slide=slide, grid=grid, encoder=encoder, spec=spec,
@@ -209,6 +210,10 @@ def _embed_one(path: Path, args, encoder, spec_kwargs: dict) -> SlideOutcome:
         finally:
             if bar is not None:
                 bar.close()
+    if result.total == 0:
+        print(f"{path.name}: no tile has enough tissue (--min-tissue {args.min_tissue}); "
+              f"empty store {result.store_path}")
+        return SlideOutcome(path, "done", 0, 0, result.seconds, "no tissue tiles")
     resumed = f", {result.skipped} resumed" if result.skipped else ""
     rate = f"{result.tiles_per_s:.1f} tiles/s" if result.computed else "nothing to compute"
     print(
@@ -274,9 +279,7 @@ def run(args) -> int:
     TilingSpec(**spec_kwargs)  # bad tiling values fail once, before any slide is opened
 
     if len(slides) == 1:
-        outcome = _embed_one(slides[0], args, encoder, spec_kwargs)
-        if outcome.status == "skipped":
-            print(f"{slides[0].name}: {outcome.detail}")
+        _embed_one(slides[0], args, encoder, spec_kwargs)
         return 0
     outcomes = []
     for path in slides:
@@ -286,8 +289,6 @@ def run(args) -> int:
         except (GPFMError, OSError) as exc:  # one slide's problem; the others go on
             print(f"error: {path.name}: {exc}", file=sys.stderr)
             outcome = SlideOutcome(path, "failed", None, 0, time.perf_counter() - t0, str(exc))
-        if outcome.status == "skipped":
-            print(f"{path.name}: {outcome.detail}")
         outcomes.append(outcome)
     _print_summary(outcomes)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
