@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+# Mesa's software OpenGL (Xvfb) loads libLLVM; Triton, which torch._dynamo imports through timm,
+# segfaults when it loads after that. Import it first, before any viewer test draws.
+try:
+    import timm  # noqa: F401
+except ImportError:  # the core tests run without the model stack too
+    pass
+
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

@@ -24,11 +24,18 @@ def _open_cached(path: str | Path, mpp: float | None = None):
 
 
 def get_reader(path):
-    """Return a reader for slide files tiffslide can open, else None. Never raises."""
+    """Return a reader for slide files tiffslide can open, else None. Never raises.
+
+    QuPath GeoJSON files (``*.geojson``) go to the GeoJSON reader (Shapes with classes).
+    """
     if isinstance(path, list | tuple):
         if len(path) != 1:
             return None
         path = path[0]
+    if str(path).lower().endswith(".geojson"):
+        from napari_gpfm.napari._geojson_io import get_geojson_reader
+
+        return get_geojson_reader(path)
     try:
         p = Path(path)
         if not p.name.lower().endswith(SLIDE_SUFFIXES) or not p.is_file():

@@ -1,0 +1,258 @@
+"""Similar regions dock widget: draw a region, see where the slide looks the same.
+
+The query is the mean embedding of the tiles inside the drawn rectangle or polygon (the
+selected shape, else the last one drawn), or the tile nearest a clicked point. Results: a
+similarity heatmap, the top-k tiles as rectangles coloured by score, and a table; clicking a
+row centres the view on that tile.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_gpfm.errors import ParameterError
+from napari_gpfm.napari._overlays import edge_width_for, place_layer, score_layer, tile_boxes_layer
+from napari_gpfm.napari._qt_common import (
+    SlidePicker,
+    StoreRow,
+    fill_table,
+    guarded,
+    make_table,
+)
+from napari_gpfm.napari._session import (
+    OVERLAY_KEY,
+    SlideRef,
+    TileSet,
+    points_level0,
+    shape_level0_polygons,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+QUERY_LAYER = "similarity query"
+# How many tile widths the view spans after jumping to a result.
+ZOOM_TILES = 6
+
+
+def _selected_or_last(layer: Any, count: int) -> int | None:
+    selected = sorted(getattr(layer, "selected_data", set()) or set())
+    if selected:
+        return int(selected[-1])
+    return count - 1 if count else None
+
+
+class SimilarWidget(QWidget):
+    """Find the tiles most similar to a drawn region or a clicked point."""
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.last_result: Any = None
+        self.last_tiles: TileSet | None = None
+
+        self.slide_picker = SlidePicker(viewer)
+        self.store_row = StoreRow(self.slide_picker)
+        self.query_combo = QComboBox()
+        self.query_combo.setToolTip("The Shapes or Points layer holding the query region")
+        self.box_button = QPushButton("Draw box")
+        self.polygon_button = QPushButton("Draw polygon")
+        self.point_button = QPushButton("Click point")
+        self.k_spin = QSpinBox()
+        self.k_spin.setRange(1, 1000)
+        self.k_spin.setValue(20)
+        self.exclude_check = QCheckBox("Leave out the query's own tiles")
+        self.exclude_check.setChecked(True)
+        self.search_button = QPushButton("Find similar tiles")
+        self.table = make_table(["rank", "score", "x (px)", "y (px)"])
+        self.table.setToolTip("Click a row to go to that tile (level-0 pixel coordinates)")
+        self.status = QLabel("Draw a box or polygon on the tissue you are interested in.")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Slide", self.slide_picker)
+        form.addRow(self.store_row)
+        form.addRow("Query layer", self.query_combo)
+        draw = QHBoxLayout()
+        for button in (self.box_button, self.polygon_button, self.point_button):
+            draw.addWidget(button)
+        form.addRow("Query", _wrap(draw))
+        form.addRow("Top tiles", self.k_spin)
+        form.addRow(self.exclude_check)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.search_button)
+        layout.addWidget(self.status)
+        layout.addWidget(self.table, 1)
+
+        self.box_button.clicked.connect(lambda: self.start_query("add_rectangle"))
+        self.polygon_button.clicked.connect(lambda: self.start_query("add_polygon"))
+        self.point_button.clicked.connect(lambda: self.start_query("add"))
+        self.search_button.clicked.connect(lambda: self.search())
+        self.table.cellClicked.connect(lambda row, _col: self.go_to(row))
+        viewer.layers.events.inserted.connect(self._relist)
+        viewer.layers.events.removed.connect(self._relist)
+        self._relist()
+
+    # ------------------------------------------------------------------ query layers
+    def _relist(self, event: Any = None) -> None:
+        from napari.layers import Points, Shapes
+
+        current = self.query_combo.currentText()
+        names = [lay.name for lay in self.viewer.layers if isinstance(lay, Shapes | Points)
+                 and (lay.metadata.get(OVERLAY_KEY) or {}).get("kind") not in (
+                     "similar-tiles", "geojson-tiles")]
+        self.query_combo.blockSignals(True)
+        self.query_combo.clear()
+        self.query_combo.addItems(names)
+        if current in names:
+            self.query_combo.setCurrentText(current)
+        elif names:
+            self.query_combo.setCurrentIndex(len(names) - 1)
+        self.query_combo.blockSignals(False)
+
+    def query_layer(self) -> Any | None:
+        name = self.query_combo.currentText()
+        return next((lay for lay in self.viewer.layers if lay.name == name), None)
+
+    @guarded
+    def start_query(self, mode: str) -> None:
+        """Make (or reuse) a query layer over the slide and switch it to drawing ``mode``."""
+        from napari.layers import Points, Shapes
+
+        ref = self.slide_picker.require_ref()
+        wanted = Points if mode == "add" else Shapes
+        name = f"{QUERY_LAYER} points" if mode == "add" else QUERY_LAYER
+        layer = next((lay for lay in self.viewer.layers
+                      if lay.name == name and isinstance(lay, wanted)), None)
+        if layer is None:
+            meta = {OVERLAY_KEY: {"kind": "query", "slide": ref.to_metadata()}}
+            if wanted is Shapes:
+                layer = self.viewer.add_shapes(
+                    name=name, edge_color="#00e5ff", face_color="#00e5ff30",
+                    edge_width=edge_width_for(ref), metadata=meta, **ref.layer_kwargs(),
+                )
+            else:
+                layer = self.viewer.add_points(
+                    name=name, face_color="#00e5ff", size=max(ref.dims) / 100.0,
+                    metadata=meta, **ref.layer_kwargs(),
+                )
+        self.viewer.layers.selection.active = layer
+        layer.mode = mode
+        self._relist()
+        self.query_combo.setCurrentText(layer.name)
+
+    def _query_roi(self, ref: SlideRef) -> tuple[Any, str]:
+        """The query region in level-0 pixels, and a short description of it."""
+        from napari.layers import Points, Shapes
+
+        from napari_gpfm.analysis.geometry import Roi
+
+        layer = self.query_layer()
+        if layer is None:
+            raise ParameterError(
+                "no query yet: press 'Draw box' (or 'Draw polygon', 'Click point') and draw on "
+                "the tissue you want to match"
+            )
+        if isinstance(layer, Shapes):
+            index = _selected_or_last(layer, len(layer.data))
+            if index is None:
+                raise ParameterError(f"layer {layer.name!r} has no shape; draw a box on the tissue")
+            [(_, polygon)] = shape_level0_polygons(layer, ref, [index])
+            if polygon is None:
+                raise ParameterError(
+                    "the query shape is a line; draw a rectangle, polygon or ellipse instead"
+                )
+            return Roi.polygon(polygon), f"shape {index + 1} of {layer.name}"
+        if isinstance(layer, Points):
+            index = _selected_or_last(layer, len(layer.data))
+            if index is None:
+                raise ParameterError(f"layer {layer.name!r} has no point; click on the tissue")
+            (x, y), = points_level0(layer, ref, [index])
+            return Roi.point(x, y), f"point {index + 1} of {layer.name}"
+        raise ParameterError(f"layer {layer.name!r} is not a Shapes or Points layer")
+
+    # ------------------------------------------------------------------ search
+    @guarded
+    def search(self) -> None:
+        """Run the similarity search and show the heatmap, the top tiles and the table."""
+        from napari_gpfm.analysis.geometry import tiles_in_roi
+        from napari_gpfm.analysis.search import query_vector, search_similar, similarity
+
+        session = self.slide_picker.session()
+        tiles = session.tiles()
+        roi, description = self._query_roi(tiles.ref)
+        if len(tiles_in_roi(tiles.coords, tiles.tile_size_l0, roi)) == 0:
+            raise ParameterError(
+                f"the query ({description}) holds no embedded tissue tile: draw it over tissue "
+                "(a tile counts when its centre is inside; a point must be on a tile)"
+            )
+        layer = self.query_layer()
+        if layer is not None and OVERLAY_KEY not in layer.metadata:
+            # Remember the slide under a user-made layer so it can be saved as GeoJSON.
+            layer.metadata = {**layer.metadata,
+                              OVERLAY_KEY: {"kind": "query", "slide": tiles.ref.to_metadata()}}
+        result = search_similar(
+            tiles.normed, tiles.coords, tiles.tile_size_l0, roi, k=int(self.k_spin.value()),
+            exclude_query=self.exclude_check.isChecked(),
+        )
+        scores = similarity(tiles.normed, query_vector(tiles.normed, result.query_indices))
+        score_name = "similarity to query"
+        session.publish_score(score_name, scores, tiles, description)
+        extra = {"query": description, "query_tiles": result.query_indices.tolist(),
+                 "k": int(self.k_spin.value()), "exclude_query": self.exclude_check.isChecked()}
+        place_layer(
+            self.viewer,
+            score_layer(tiles, scores, f"{tiles.ref.name} · similarity", "similarity",
+                        score_name, colormap="inferno", extra=extra),
+        )
+        place_layer(
+            self.viewer,
+            tile_boxes_layer(tiles, result.indices, result.scores,
+                             f"{tiles.ref.name} · similar tiles", "similar-tiles", extra=extra),
+        )
+        self.viewer.layers.selection.active = self.query_layer() or self.viewer.layers[-1]
+        fill_table(self.table, [[r["rank"], r["score"], int(r["x"]), int(r["y"])]
+                                for r in result.rows()])
+        self.last_result = result
+        self.last_tiles = tiles
+        partial = " (embedding not finished)" if tiles.is_partial else ""
+        self.status.setText(
+            f"Query: {len(result.query_indices)} tile(s) from {description}; "
+            f"top {len(result)} of {len(tiles)} tiles shown{partial}"
+        )
+
+    def go_to(self, row: int) -> None:
+        """Centre the view on result ``row`` (0-based) and zoom in on it."""
+        if self.last_result is None or self.last_tiles is None or not 0 <= row < len(
+            self.last_result
+        ):
+            return
+        tiles = self.last_tiles
+        x, y, w, h = self.last_result.boxes[row]
+        (cy, cx), = tiles.ref.level0_to_world(np.array([[x + w / 2.0, y + h / 2.0]]))
+        camera = self.viewer.scene.camera
+        camera.center = (cy, cx)
+        tile_um = w * abs(tiles.ref.scale_yx[1])
+        camera.zoom = min(self.viewer.canvas.size) / (ZOOM_TILES * tile_um)
+        self.table.selectRow(row)
+
+
+def _wrap(layout: QHBoxLayout) -> QWidget:
+    box = QWidget()
+    layout.setContentsMargins(0, 0, 0, 0)
+    box.setLayout(layout)
+    return box
