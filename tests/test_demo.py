@@ -1,0 +1,30 @@
+"""`gpfm demo`, the README's main job, end to end on the embedded default model (offline)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from napari_gpfm.cli import main
+
+
+def test_demo_writes_maps_and_report_with_the_embedded_model(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
+    for name in ("tiles_preview.png", "pca_map.png", "cluster_map.png", "similarity_map.png",
+                 "similarity_map.tif", "tiles.csv", "report.md", "similar_tiles.json"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "default@" in report and "tissue tiles" in report
+    similar = json.loads((out / "similar_tiles.json").read_text())
+    assert len(similar) == 10
+    scores = [row["score"] for row in similar]
+    assert scores == sorted(scores, reverse=True)
+    # the maps are drawn over the slide thumbnail: same aspect as the 2220 x 2967 slide
+    pca = np.asarray(Image.open(out / "pca_map.png"))
+    assert abs(pca.shape[1] / pca.shape[0] - 2220 / 2967) < 0.01
+    # a second run reuses the store: nothing is embedded again
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
+    assert "| embedded this run | 0 tiles" in (out / "report.md").read_text()
