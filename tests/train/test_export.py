@@ -1,0 +1,139 @@
+"""`gpfm-train export`: the EMA teacher as a napari_gpfm encoder (timm + JSON) or GPFM.pth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpfm_train.cli import fit, load_run_config, main
+from gpfm_train.export_weights import from_gpfm_release_layout
+from gpfm_train.models import backbone_forward
+from napari_gpfm.encoders import DefaultModelConfig, load_encoder
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "napari_gpfm" / "data" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    overrides = {
+        "model.backbone.kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2},
+        "model.backbone.img_size": 56,
+        "model.distill.n_local": 2,
+        "model.distill.out_dim": 256,
+        "model.distill.head_hidden_dim": 64,
+        "model.distill.head_bottleneck_dim": 32,
+        "model.schedule.warmup_epochs": 0,
+        "data.crops.global_crops_size": 56,
+        "data.crops.local_crops_size": 28,
+        "data.crops.local_crops_number": 2,
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "data.sources": [{"slides": [str(SAMPLE)]}],
+        "data.tiling": {"mpp": 1.0, "read_size": 112, "min_tissue": 0.5},
+        "trainer.default_root_dir": str(root),
+        "trainer.enable_progress_bar": False,
+        "trainer.max_steps": 3,
+    }
+    done = fit(load_run_config("tiny_cpu.yaml", list(overrides.items())))
+    return root / "checkpoints" / "last.ckpt", done.module.distiller
+
+
+def _images(size=56, n=3):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(3))
+
+
+def test_timm_export_loads_as_the_default_encoder_with_the_teachers_features(
+        trained, tmp_path, capsys):
+    ckpt, distiller = trained
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(ckpt), "--out", str(out), "--card"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "model.json" in printed and "model.md" in printed
+
+    description = DefaultModelConfig.read(out.with_suffix(".json"))
+    assert description.architecture == "vit_small_patch14_dinov2"
+    assert description.model_kwargs == {"img_size": 56, "init_values": 1e-5, "embed_dim": 48,
+                                        "depth": 2, "num_heads": 2}
+    assert (description.embed_dim, description.input_size, description.patch_size) == (48, 56, 14)
+    assert (description.native_mpp, description.native_read_size) == (1.0, 112)
+    assert "step 3" in description.notes
+
+    encoder = load_encoder("default", weights=out)
+    assert encoder.spec.embed_dim == 48 and encoder.checkpoint_layout == "timm"
+    x = _images()
+    with torch.no_grad():
+        teacher = backbone_forward(distiller.teacher["backbone"], None, x)
+        student = backbone_forward(distiller.student["backbone"], None, x)
+        got = encoder(x, patch_tokens=True)
+    torch.testing.assert_close(got["cls"], teacher["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["patch_tokens"].flatten(1, 2), teacher["x_norm_patchtokens"],
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got["cls"], student["x_norm_clstoken"], atol=1e-4)
+    card = out.with_suffix(".md").read_text()
+    assert "vit_small_patch14_dinov2" in card and "48-d CLS" in card
+
+
+def test_default_out_makes_it_the_embedded_default_model(trained, tmp_path, monkeypatch):
+    import napari_gpfm.encoders.default_model as default_model
+    from napari_gpfm.encoders import get_spec
+
+    monkeypatch.setattr(default_model, "PACKAGE_WEIGHTS_DIR", tmp_path)
+    ckpt, distiller = trained
+    assert main(["export", str(ckpt)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default.json", "default.safetensors"]
+    assert get_spec("default").embed_dim == 48
+    encoder = load_encoder("default")
+    x = _images()
+    with torch.no_grad():
+        expected = backbone_forward(distiller.teacher["backbone"], None, x)["x_norm_clstoken"]
+        torch.testing.assert_close(encoder(x)["cls"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_release_layout_round_trips_with_chunked_blocks(trained, tmp_path):
+    ckpt, distiller = trained
+    timm_out = tmp_path / "t.safetensors"
+    assert main(["export", str(ckpt), "--out", str(timm_out)]) == 0
+    from safetensors.torch import load_file
+
+    timm_sd = load_file(str(timm_out))
+    for chunks, block_key in ((2, "backbone.blocks.1.1.attn.qkv.weight"),
+                              (4, "backbone.blocks.1.attn.qkv.weight")):  # 4 does not divide 2
+        out = tmp_path / f"GPFM-{chunks}.pth"
+        assert main(["export", str(ckpt), "--layout", "gpfm-release", "--out", str(out),
+                     "--block-chunks", str(chunks)]) == 0
+        release = torch.load(out, map_location="cpu", weights_only=True)
+        assert set(release) == {"teacher"}
+        teacher = release["teacher"]
+        assert block_key in teacher and "backbone.mask_token" in teacher
+        assert "dino_head.last_layer.weight_g" in teacher
+        back = from_gpfm_release_layout(release)
+        assert back.backbone.keys() == timm_sd.keys()
+        for key, value in timm_sd.items():
+            assert torch.equal(back.backbone[key], value), key
+        head = distiller.teacher["dino_head"].state_dict()
+        for key, value in back.dino_head.items():
+            torch.testing.assert_close(value, head[key])
+
+
+def test_export_errors_are_one_line(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint at all")
+    cases = [
+        (["export", str(junk), "--out", str(tmp_path / "a.safetensors")], "junk.ckpt"),
+        (["export", str(tmp_path / "missing.ckpt")], "checkpoint not found"),
+        (["export", str(ckpt), "--out", str(tmp_path / "a.pth")], "written as .safetensors"),
+        (["export", str(ckpt), "--layout", "gpfm-release"], "needs --out FILE.pth"),
+    ]
+    for args, expected in cases:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, other)
+    assert main(["export", str(other), "--out", str(tmp_path / "b.safetensors")]) == 2
+    assert "holds no GPFM teacher" in capsys.readouterr().err

@@ -1,0 +1,234 @@
+"""`gpfm-train fit` end to end on the real H&E of the repository, and its one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from gpfm_train.cli import build_parser, load_run_config, main, resolve_config_path
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "napari_gpfm" / "data" / "CMU-1-Small-Region.svs"
+TILES = REPO / "data" / "extra-he" / "mopadi_examples"
+STEPS = 30
+
+
+def _cli_overrides(root: Path, **changes) -> list[str]:
+    """``--set`` arguments shrinking the packaged tiny_cpu.yaml to a few seconds of training."""
+    values = {
+        "model.backbone.kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}",
+        "model.backbone.img_size": 56,
+        "model.distill.n_local": 2,
+        "model.distill.out_dim": 256,
+        "model.distill.head_hidden_dim": 64,
+        "model.distill.head_bottleneck_dim": 32,
+        "data.crops.global_crops_size": 56,
+        "data.crops.local_crops_size": 28,
+        "data.crops.local_crops_number": 2,
+        "data.batch_size": 4,
+        "data.num_workers": 1,
+        "data.sources": f"[{{slides: [{SAMPLE}]}}, {{tile_folder: {TILES}}}]",
+        "trainer.default_root_dir": str(root),
+        "trainer.enable_progress_bar": "false",
+        "trainer.log_every_n_steps": 1,
+    }
+    values.update(changes)
+    args = []
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_fit(tmp_path_factory):
+    """A few dozen steps of `gpfm-train fit` through the command line.
+
+    The teacher is kept fixed (momentum 1) and the center at zero (center momentum 1): the
+    student then distills a fixed target on real tiles, whose loss must fall within a few
+    dozen steps. (With the EMA teacher and softmax centering, DINO's cross-entropy first
+    *rises* while the center and the teacher temperature warm up: it includes the teacher's
+    entropy.)
+    """
+    root = tmp_path_factory.mktemp("fit")
+    args = ["fit", "--config", "tiny_cpu.yaml", *_cli_overrides(
+        root, **{"trainer.max_steps": STEPS, "trainer.checkpoint_every_n_steps": 10,
+                 "model.schedule.epoch_length": 10, "model.schedule.warmup_epochs": 0,
+                 "model.schedule.warmup_teacher_temp_epochs": 0,
+                 "model.schedule.base_lr": 4.0e-3, "model.schedule.momentum_teacher": 1.0,
+                 "model.distill.center_momentum": 1.0})]
+    rc = main(args)
+    with open(root / "logs" / "version_0" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return rc, root, rows
+
+
+def test_fit_runs_and_the_loss_falls(tiny_fit):
+    rc, root, rows = tiny_fit
+    assert rc == 0
+    totals = [float(r["loss/total"]) for r in rows if r.get("loss/total")]
+    assert len(totals) == STEPS
+    first, last = totals[:5], totals[-10:]
+    assert sum(last) / len(last) < sum(first) / len(first) - 0.5, totals
+    checkpoints = sorted(p.name for p in (root / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and "gpfm-step=00000030.ckpt" in checkpoints
+
+
+def test_every_loss_term_and_schedule_is_logged_each_step(tiny_fit):
+    _, _, rows = tiny_fit
+    step_rows = [r for r in rows if r.get("loss/total")]
+    for key in ("loss/dino_local", "loss/dino_global", "loss/koleo", "loss/ibot", "lr", "wd",
+                "last_layer_lr", "momentum", "teacher_temp", "grad_norm/backbone",
+                "grad_norm/dino_head"):
+        assert all(r.get(key) not in (None, "") for r in step_rows), key
+    assert [int(r["step"]) for r in step_rows] == list(range(STEPS))
+    # last-layer lr is 0 during the first schedule epoch (10 iterations), then follows lr
+    assert float(step_rows[3]["last_layer_lr"]) == 0.0 < float(step_rows[3]["lr"])
+    assert float(step_rows[15]["last_layer_lr"]) == pytest.approx(float(step_rows[15]["lr"]))
+    wds = [float(r["wd"]) for r in step_rows]
+    assert wds == sorted(wds) and wds[-1] > wds[0]
+
+
+def test_packaged_configs_resolve_by_bare_name(tmp_path, monkeypatch, capsys):
+    assert resolve_config_path("tiny_cpu.yaml").parent.name == "configs"
+    assert resolve_config_path("gpfm_vitl14") == resolve_config_path("gpfm_vitl14.yaml")
+    own = tmp_path / "tiny_cpu.yaml"
+    own.write_text("data: {sources: [{tile_folder: .}]}\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("tiny_cpu.yaml") == Path("tiny_cpu.yaml")  # a file wins
+    monkeypatch.chdir(REPO)
+    assert main(["fit", "--config", "tiny_cpu", "--print-config", "--trainer.max_steps", "7",
+                 "--data.batch_size=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "max_steps: 7" in printed and "batch_size: 3" in printed
+    assert "vit_small_patch14_dinov2" in printed
+
+
+def test_fit_help_documents_multi_node_launching():
+    parser = build_parser()
+    fit_parser = parser._subparsers._group_actions[0].choices["fit"]
+    text = fit_parser.format_help()
+    assert "srun" in text and "torchrun" in text and "--ckpt-path last" in text
+
+
+def test_the_tiny_config_runs_from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(REPO)
+    run = load_run_config("tiny_cpu.yaml")
+    from gpfm_train.datamodule import GPFMDataModule
+
+    GPFMDataModule(run.data).validate()
+    assert run.max_steps == 120 and run.trainer.accelerator == "cpu"
+
+
+def _empty_manifest(tmp_path: Path, rows: str = "") -> Path:
+    path = tmp_path / ("gone.csv" if rows else "empty.csv")
+    path.write_text("slide_path,mpp,n_tiles,spec_id,source,organ,split\n" + rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "model.schedule.epochz=3"], "model.schedule: unknown option(s) epochz"),
+        (["--trainer.strategy", "horovod"], "strategy='horovod'"),
+        (["--data.batch_size", "many"], "data.batch_size: expected an integer, got 'many'"),
+        (["--set", "model.backbone.drop_path_rate=[1, 2]"], "expected a number"),
+        (["--set", "widgets.x=1"], "unknown section(s) widgets"),
+        (["--set", "data.sources=[{tile_folder: /no/such/folder}]"], "tile folder not found"),
+        (["--set", "data.sources=[{manifest: EMPTY}]"], "lists no rows"),
+        (["--set", "data.sources=[{manifest: GONE}]"], "none of the 1 slide(s)"),
+        (["--set", "model.experts=[{name: uni, weights: /no/such/uni.bin}]"],
+         "model.experts[0] (uni, encoder uni): weights file /no/such/uni.bin does not exist"),
+        (["--set", "model.distill.n_local=3"], "must equal model.distill.n_local (3)"),
+        (["--set", "data.masks.patch_size=16"], "must equal the backbone's patch size (14)"),
+        (["--trainer.max_steps"], "override --trainer.max_steps has no value"),
+    ],
+)
+def test_bad_configurations_fail_with_one_line(args, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    gone = _empty_manifest(tmp_path, "no/such/slide.svs,,3,ee46696ade4f,,,train\n")
+    args = [a.replace("EMPTY", str(_empty_manifest(tmp_path))).replace("GONE", str(gone))
+            for a in args]
+    rc = main(["fit", "--config", "tiny_cpu.yaml",
+               "--set", f"trainer.default_root_dir={tmp_path / 'run'}", *args])
+    assert rc == 2
+    assert expected in _one_error_line(capsys)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_config_and_invalid_yaml(tmp_path, capsys):
+    assert main(["fit", "--config", "no_such_config.yaml"]) == 2
+    line = _one_error_line(capsys)
+    assert "config not found" in line and "tiny_cpu.yaml" in line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {backbone: [\n")
+    assert main(["fit", "--config", str(bad)]) == 2
+    assert "bad.yaml" in _one_error_line(capsys)
+
+
+def test_unset_environment_variable_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GPFM_TEST_UNSET", raising=False)
+    cfg = tmp_path / "env.yaml"
+    cfg.write_text(json.dumps({"data": {"sources": [{"tile_folder": "${GPFM_TEST_UNSET}"}]}}))
+    assert main(["fit", "--config", str(cfg)]) == 2
+    assert "data.sources[0].tile_folder: environment variable GPFM_TEST_UNSET" in \
+        _one_error_line(capsys)
+
+
+def test_manifest_commands_are_part_of_gpfm_train(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["manifest", "validate", "src-manifest/slides.example.csv"]) == 0
+    assert "3" in capsys.readouterr().out
+    assert main(["manifest", "validate", "no/such.csv"]) == 2
+    assert "manifest not found" in _one_error_line(capsys)
+
+
+def _two_slide_data(tmp_path: Path, on_error: str):
+    import shutil
+
+    from gpfm_train.datamodule import DataOptions, GPFMDataModule
+
+    copy = tmp_path / "copy.svs"
+    shutil.copyfile(SAMPLE, copy)
+    options = DataOptions.from_mapping({
+        "sources": [{"slides": [str(SAMPLE), str(copy)]}],
+        "crops": {"global_crops_size": 56, "local_crops_size": 28, "local_crops_number": 1},
+        "batch_size": 4, "num_workers": 0, "on_error": on_error,
+    })
+    dm = GPFMDataModule(options)
+    dm.setup("fit")
+    copy.write_bytes(SAMPLE.read_bytes()[:4096])  # the slide breaks after it was tiled
+    return dm, copy
+
+
+def test_a_slide_failing_mid_run_is_skipped_with_a_warning(tmp_path, caplog):
+    import logging
+
+    dm, copy = _two_slide_data(tmp_path, "skip")
+    assert dm.tiles.n_slides == 2 and len(dm.tiles) == 2 * 49
+    batches = iter(dm.train_dataloader())
+    with caplog.at_level(logging.WARNING):
+        for _ in range(8):
+            batch = next(batches)
+            assert tuple(batch["global_crops"].shape) == (8, 3, 56, 56)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(copy) in w for w in warnings), warnings
+
+
+def test_a_slide_failing_mid_run_stops_the_run_with_on_error_raise(tmp_path):
+    from napari_gpfm.errors import SlideError
+
+    dm, copy = _two_slide_data(tmp_path, "raise")
+    batches = iter(dm.train_dataloader())
+    with pytest.raises(SlideError, match="copy.svs"):
+        for _ in range(8):
+            next(batches)

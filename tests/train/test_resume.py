@@ -1,0 +1,161 @@
+"""Resuming from a mid-run checkpoint continues exactly like the uninterrupted run.
+
+"Exactly" (within 1e-6): student, teacher, heads and loss centers; the optimizer's AdamW moments;
+the sampler's stream position; the schedules (lr, wd, momentum, teacher temperature at the last
+step); and, through drop path 0.1, the RNG stream (restored per rank).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from gpfm_train.cli import fit, load_run_config, main
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "napari_gpfm" / "data" / "CMU-1-Small-Region.svs"
+TILES = REPO / "data" / "extra-he" / "mopadi_examples"
+STEPS, CUT = 6, 3
+
+
+def _overrides(root: Path, **changes) -> list[tuple[str, object]]:
+    pairs = {
+        "model.backbone.kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2},
+        "model.backbone.img_size": 56,
+        "model.backbone.drop_path_rate": 0.1,
+        "model.distill.n_local": 2,
+        "model.distill.out_dim": 256,
+        "model.distill.head_hidden_dim": 64,
+        "model.distill.head_bottleneck_dim": 32,
+        # Short schedules, so every schedule changes between steps.
+        "model.schedule.epoch_length": 2,
+        "model.schedule.epochs": 4,
+        "model.schedule.warmup_epochs": 1,
+        "model.schedule.warmup_teacher_temp_epochs": 2,
+        "data.crops.global_crops_size": 56,
+        "data.crops.local_crops_size": 28,
+        "data.crops.local_crops_number": 2,
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "data.sources": [{"slides": [str(SAMPLE)]}, {"tile_folder": str(TILES)}],
+        "trainer.default_root_dir": str(root),
+        "trainer.enable_progress_bar": False,
+        "trainer.log_every_n_steps": 1,
+        "trainer.max_steps": STEPS,
+        "trainer.checkpoint_every_n_steps": CUT,
+        "trainer.keep_checkpoints": -1,
+    }
+    pairs.update(changes)
+    return list(pairs.items())
+
+
+class Record(Callback):
+    """Sample positions of every batch and the schedule values of every step."""
+
+    def __init__(self):
+        self.positions: dict[int, list[int]] = {}
+        self.values: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.values[self.step] = {k: float(v) for k, v in trainer.logged_metrics.items()
+                                  if k in ("lr", "wd", "momentum", "teacher_temp",
+                                           "last_layer_lr", "loss/total")}
+
+
+class Positions(Callback):
+    def __init__(self):
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen[trainer.global_step] = batch["global_crops"][:, 0, :2, :2].clone()
+
+
+def _state(done) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in done.module.distiller.state_dict().items()}
+
+
+def _adam(done) -> list[torch.Tensor]:
+    optimizer = done.trainer.optimizers[0]
+    return [t.clone() for p in optimizer.state for t in (
+        optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"])]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    full_record, full_crops = Record(), Positions()
+    full = fit(load_run_config("tiny_cpu.yaml", _overrides(root / "full")),
+               callbacks=[full_record, full_crops])
+    ckpt = root / "full" / "checkpoints" / f"gpfm-step={CUT:08d}.ckpt"
+    assert ckpt.is_file(), sorted((root / "full" / "checkpoints").iterdir())
+    resumed_record, resumed_crops = Record(), Positions()
+    resumed = fit(load_run_config("tiny_cpu.yaml", _overrides(root / "resumed")),
+                  ckpt_path=str(ckpt), callbacks=[resumed_record, resumed_crops])
+    return {"root": root, "ckpt": ckpt, "full": full, "resumed": resumed,
+            "full_record": full_record, "resumed_record": resumed_record,
+            "full_crops": full_crops, "resumed_crops": resumed_crops}
+
+
+def test_the_resumed_run_trains_only_the_remaining_steps(runs):
+    assert runs["full"].trainer.global_step == STEPS
+    assert runs["resumed"].trainer.global_step == STEPS
+    assert sorted(runs["resumed_record"].values) == list(range(CUT, STEPS))
+
+
+def test_weights_centers_and_optimizer_match_the_uninterrupted_run(runs):
+    full, resumed = _state(runs["full"]), _state(runs["resumed"])
+    assert full.keys() == resumed.keys()
+    assert any("center" in k for k in full)
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
+    # The run really moved: the teacher differs from the checkpointed one.
+    saved = torch.load(runs["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    key = "teacher.backbone.blocks.1.mlp.fc2.weight"
+    assert not torch.allclose(saved[f"distiller.{key}"], full[key], atol=1e-6)
+    for a, b in zip(_adam(runs["resumed"]), _adam(runs["full"]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_data_and_schedules_continue_where_they_stopped(runs):
+    full_crops, resumed_crops = runs["full_crops"].seen, runs["resumed_crops"].seen
+    for step in range(CUT, STEPS):
+        assert torch.equal(full_crops[step], resumed_crops[step]), step
+    assert not torch.equal(full_crops[CUT], full_crops[0])
+    full_values, resumed_values = runs["full_record"].values, runs["resumed_record"].values
+    for step in range(CUT, STEPS):
+        for key, value in full_values[step].items():
+            assert resumed_values[step][key] == pytest.approx(value, abs=1e-6), (step, key)
+    assert full_values[STEPS - 1]["lr"] != full_values[CUT]["lr"]
+    full_dm, resumed_dm = runs["full"].datamodule, runs["resumed"].datamodule
+    assert full_dm.state_dict() == resumed_dm.state_dict()
+    assert full_dm.state_dict()["sampler"]["position"] == STEPS * 4
+
+
+def test_checkpoint_holds_rng_sampler_and_config_and_loads_without_pickle(runs):
+    ckpt = torch.load(runs["ckpt"], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == CUT
+    assert len(ckpt["gpfm"]["rng"]) == 1 and ckpt["gpfm"]["rng"][0]["torch"].dtype == torch.uint8
+    assert ckpt["GPFMDataModule"]["sampler"]["position"] == CUT * 4
+    assert ckpt["hyper_parameters"]["backbone"]["arch"] == "vit_small_patch14_dinov2"
+    assert ckpt["datamodule_hyper_parameters"]["tiling"]["mpp"] == 0.5
+
+
+def test_cli_resume_from_last(runs, capsys):
+    root = runs["root"] / "cli"
+    args = ["fit", "--config", "tiny_cpu.yaml"]
+    for key, value in _overrides(root, **{"trainer.max_steps": 2}):
+        args += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"]
+    assert main(args + ["--ckpt-path", "last"]) == 2
+    assert "does not exist yet" in capsys.readouterr().err
+    assert main(args) == 0
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    longer = [a.replace("trainer.max_steps=2", "trainer.max_steps=3") for a in args]
+    assert main(longer + ["--ckpt-path", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "trained to step 3" in out
