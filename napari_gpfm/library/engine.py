@@ -91,8 +91,8 @@ def _faiss_threads(n_queries: int) -> Iterator[None]:
 def advise_random(array: np.ndarray) -> np.ndarray:
     """Tell the OS that a memory-mapped array is read at random rows (no read-ahead).
 
-    Re-ranking reads a few thousand scattered rows; with the default read-ahead each page
-    fault pulls in ~128 KiB around it, so a few queries read the whole file from disk.
+    Re-ranking reads a few thousand scattered 2 KiB rows per query; read-ahead would turn
+    each of them into a much larger disk read when the file is not in the page cache.
     """
     import mmap
 
