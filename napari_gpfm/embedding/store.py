@@ -25,14 +25,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from napari_gpfm._filelock import pid_alive
 from napari_gpfm.errors import ParameterError, StoreError
 
 STORE_FORMAT = "napari-gpfm-embeddings"
@@ -152,18 +152,8 @@ def _remove_abandoned_builds(path: Path) -> None:
         return
     for old in path.parent.glob(f".{path.name}.creating-*"):
         pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class EmbeddingStore:
@@ -641,44 +631,16 @@ class EmbeddingStore:
         return complete
 
     # ------------------------------------------------------------------ single writer
-    @contextlib.contextmanager
-    def writer_lock(self) -> Iterator[None]:
+    def writer_lock(self):
         """Hold ``<store>.lock`` (beside the store) while writing, so two runs never fill one
         store at once. A lock left behind by a killed process on this machine is taken over.
         """
-        lock = self.lock_path
-        me = f"{os.getpid()}@{socket.gethostname()}"
-        for _attempt in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = ""
-                with contextlib.suppress(OSError):
-                    owner = lock.read_text(encoding="utf-8").strip()
-                pid_text, _, host = owner.partition("@")
-                stale = (
-                    host == socket.gethostname()
-                    and pid_text.isdigit()
-                    and not _pid_alive(int(pid_text))
-                )
-                if stale or not owner:
-                    with contextlib.suppress(FileNotFoundError):
-                        lock.unlink()
-                    continue
-                raise StoreError(
-                    f"{self.path} is being written by another run (process {owner}); wait for "
-                    f"it to finish, or delete {lock} if that process is gone"
-                ) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(me)
-            break
-        else:  # pragma: no cover - a racing process re-created the lock twice
-            raise StoreError(f"{self.path} is locked by another run; try again")
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
+        from napari_gpfm._filelock import exclusive_lock
+
+        return exclusive_lock(self.lock_path, lambda owner: StoreError(
+            f"{self.path} is being written by another run (process {owner}); wait for it to "
+            f"finish, or delete {self.lock_path} if that process is gone"
+        ))
 
     @property
     def lock_path(self) -> Path:

@@ -24,8 +24,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,48 +191,16 @@ def collect_garbage(lib: Path, meta: dict[str, Any]) -> None:
             entry.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def writer_lock(lib: Path) -> Iterator[None]:
+def writer_lock(lib: Path):
     """Hold ``LIB/.lock`` while changing the library, so two writers never interleave.
 
     A lock left by a process that died on this machine is taken over.
     """
-    lock = lib / LOCK_NAME
-    me = f"{os.getpid()}@{socket.gethostname()}"
-    for _attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = ""
-            with contextlib.suppress(OSError):
-                owner = lock.read_text(encoding="utf-8").strip()
-            pid, _, host = owner.partition("@")
-            if not owner or (host == socket.gethostname() and pid.isdigit()
-                             and not _pid_alive(int(pid))):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            raise IndexError_(
-                f"{lib} is being changed by another process ({owner}); wait for it to finish, "
-                f"or delete {lock} if that process is gone"
-            ) from None
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(me)
-        break
-    else:  # pragma: no cover - another process re-created the lock twice in a row
-        raise IndexError_(f"{lib} is locked by another process; try again")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+    from napari_gpfm._filelock import exclusive_lock
+
+    return exclusive_lock(lib / LOCK_NAME, lambda owner: IndexError_(
+        f"{lib} is being changed by another process ({owner}); wait for it to finish, "
+        f"or delete {lib / LOCK_NAME} if that process is gone"
+    ))
+
+
