@@ -6,6 +6,7 @@ Viewer tests need an X display with OpenGL: pytest-xvfb starts Xvfb and Qt draws
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -13,10 +14,8 @@ import pytest
 
 # Mesa's software OpenGL (Xvfb) loads libLLVM; Triton, which torch._dynamo imports through timm,
 # segfaults when it loads after that. Import it first, before any viewer test draws.
-try:
+with contextlib.suppress(ImportError):  # the core tests run without the model stack too
     import timm  # noqa: F401
-except ImportError:  # the core tests run without the model stack too
-    pass
 
 
 TESTS_DIR = Path(__file__).resolve().parent
