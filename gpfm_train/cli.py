@@ -335,6 +335,25 @@ def load_run_config(
 
 
 # ---------------------------------------------------------------------------- fit
+def _checkpoint_callback(**kwargs: Any) -> Any:
+    """A ``ModelCheckpoint`` that also saves the final step of a run.
+
+    Lightning saves every ``every_n_train_steps`` only; a run whose length is not a multiple
+    would otherwise end with ``last.ckpt`` up to ``n - 1`` steps old.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class FinalStepCheckpoint(ModelCheckpoint):
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer):
+                candidates = self._monitor_candidates(trainer)
+                self._save_topk_checkpoint(trainer, candidates)
+                self._save_last_checkpoint(trainer, candidates)
+            super().on_train_end(trainer, pl_module)
+
+    return FinalStepCheckpoint(**kwargs)
+
+
 def _say(message: str) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -345,7 +364,6 @@ def _say(message: str) -> None:
 def build_trainer(run: RunConfig, callbacks: Sequence[Any] = ()) -> Any:
     """The ``lightning.Trainer`` of ``run`` (strategy, precision, checkpoints, logger)."""
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     opts = run.trainer
@@ -372,7 +390,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Any] = ()) -> Any:
     else:
         strategy = opts.strategy
     keep = opts.keep_checkpoints
-    checkpoint = ModelCheckpoint(
+    checkpoint = _checkpoint_callback(
         dirpath=root / "checkpoints",
         filename="gpfm-{step:08d}",
         every_n_train_steps=opts.checkpoint_every_n_steps,

@@ -56,7 +56,7 @@ def test_timm_export_loads_as_the_default_encoder_with_the_teachers_features(
 
     description = DefaultModelConfig.read(out.with_suffix(".json"))
     assert description.architecture == "vit_small_patch14_dinov2"
-    assert description.model_kwargs == {"img_size": 56, "init_values": 1e-5, "embed_dim": 48,
+    assert description.model_kwargs == {"img_size": 56, "init_values": 0.1, "embed_dim": 48,
                                         "depth": 2, "num_heads": 2}
     assert (description.embed_dim, description.input_size, description.patch_size) == (48, 56, 14)
     assert (description.native_mpp, description.native_read_size) == (1.0, 112)

@@ -155,7 +155,12 @@ def test_cli_resume_from_last(runs, capsys):
     assert "does not exist yet" in capsys.readouterr().err
     assert main(args) == 0
     assert (root / "checkpoints" / "last.ckpt").is_file()
-    longer = [a.replace("trainer.max_steps=2", "trainer.max_steps=3") for a in args]
+    # Checkpoints every 3 steps: step 3, and the final step 5 although 5 is no multiple of 3.
+    longer = [a.replace("trainer.max_steps=2", "trainer.max_steps=5") for a in args]
     assert main(longer + ["--ckpt-path", "last"]) == 0
     out = capsys.readouterr().out
-    assert "trained to step 3" in out
+    assert "trained to step 5" in out
+    names = sorted(p.name for p in (root / "checkpoints").iterdir())
+    assert "gpfm-step=00000003.ckpt" in names and "gpfm-step=00000005.ckpt" in names
+    last = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 5
