@@ -12,6 +12,8 @@ Names are imported lazily so that ``import gpfm_train.data`` stays cheap (no tor
 
 from __future__ import annotations
 
+from napari_gpfm._lazy import lazy_exports
+
 _EXPORTS = {
     "SourceRecord": "gpfm_train.data.manifests",
     "SourcesFile": "gpfm_train.data.manifests",
@@ -36,19 +38,4 @@ _EXPORTS = {
     "InfiniteShardedSampler": "gpfm_train.data.sampler",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gpfm_train.data' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

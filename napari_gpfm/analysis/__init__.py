@@ -8,7 +8,7 @@ Submodules are imported on first use so that importing this package stays cheap.
 
 from __future__ import annotations
 
-import importlib
+from napari_gpfm._lazy import lazy_exports
 
 _EXPORTS = {
     "Roi": "geometry",
@@ -46,15 +46,4 @@ _EXPORTS = {
     "write_geojson": "geojson",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_gpfm.analysis' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"napari_gpfm.analysis.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -7,8 +7,7 @@ imports neither torch nor zarr; the names below are resolved on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from napari_gpfm._lazy import lazy_exports
 
 _EXPORTS = {
     "EmbeddingStore": "store",
@@ -27,17 +26,4 @@ _EXPORTS = {
     "H5Features": "h5io",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_gpfm.embedding' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"napari_gpfm.embedding.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -8,8 +8,7 @@ resolved on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from napari_gpfm._lazy import lazy_exports
 
 _EXPORTS = {
     "EncoderSpec": "registry",
@@ -31,17 +30,4 @@ _EXPORTS = {
     "load_encoder": "encoder",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_gpfm.encoders' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"napari_gpfm.encoders.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -10,8 +10,7 @@ package imports neither torch nor the encoders.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from napari_gpfm._lazy import lazy_exports
 
 _EXPORTS = {
     "TileSet": "tilesets",
@@ -51,17 +50,4 @@ _EXPORTS = {
     "evaluate": "runner",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_gpfm.evaluation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"napari_gpfm.evaluation.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -7,8 +7,7 @@ imports neither faiss nor torch; the names below are resolved on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from napari_gpfm._lazy import lazy_exports
 
 _EXPORTS = {
     "LibraryIndex": "index",
@@ -23,17 +22,4 @@ _EXPORTS = {
     "ClusteredEmbeddings": "synthetic",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_gpfm.library' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"napari_gpfm.library.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -5,6 +5,8 @@ Names are imported lazily so that ``import napari_gpfm.tiling`` stays cheap.
 
 from __future__ import annotations
 
+from napari_gpfm._lazy import lazy_exports
+
 _EXPORTS = {
     "TissueParams": "napari_gpfm.tiling.tissue",
     "TissueMask": "napari_gpfm.tiling.tissue",
@@ -17,19 +19,4 @@ _EXPORTS = {
     "render_preview": "napari_gpfm.tiling.preview",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_gpfm.tiling' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
