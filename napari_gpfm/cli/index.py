@@ -179,21 +179,25 @@ def run_info(args) -> int:
     return 0
 
 
-def _query(args, library):
+def _search(args, library):
+    """The hits and a description of the query (an image, or a store + region)."""
+    from napari_gpfm.library.query import SearchOptions, search_roi, search_vector
+
     if args.image and (args.store or args.roi):
         raise ParameterError("give either --image, or --store with --roi, not both")
+    options = SearchOptions(top_k=args.top_k, per_slide=args.per_slide,
+                            include_query=args.include_query)
     if args.image:
         image = _read_image(args.image)
         vector = library.query_from_image(image, weights=args.weights, device=args.device)
-        return vector, None, {"image": str(Path(args.image).resolve())}
+        return search_vector(library, vector, options), {"image": str(Path(args.image).resolve())}
     if not (args.store and args.roi):
         raise ParameterError("give a query: --store STORE --roi x,y,w,h, or --image FILE")
     from napari_gpfm.cli._common import parse_roi
 
     roi = parse_roi(args.roi)
-    vector, own = library.query_from_store(args.store, roi)
-    return vector, (None if args.include_query else own), {
-        "store": str(Path(args.store).resolve()), "roi": list(roi.bounds)}
+    hits = search_roi(library, args.store, roi, options)
+    return hits, {"store": str(Path(args.store).resolve()), "roi": list(roi.bounds)}
 
 
 def _read_image(path: str):
@@ -218,10 +222,7 @@ def run_search(args) -> int:
     from napari_gpfm.library import LibraryIndex
 
     library = LibraryIndex.open(args.library, verify=not args.no_check)
-    vector, exclude, query = _query(args, library)
-    grouped = args.per_slide is not None
-    hits = library.search(vector, top_k=args.top_k, group_by_slide=grouped,
-                          per_slide=args.per_slide or 1, exclude=exclude)
+    hits, query = _search(args, library)
     rows = [{c: h.to_dict()[c] for c in COLUMNS} for h in hits]
     if args.json:
         print(json.dumps({"library": str(library.path), "query": query, "hits": rows}, indent=2))

@@ -34,7 +34,12 @@ from qtpy.QtWidgets import (
 
 from napari_gpfm.errors import GPFMError, ParameterError
 from napari_gpfm.napari._embed_job import EmbedRequest, JobStage, JobStarted, embed_job
-from napari_gpfm.napari._qt_common import SlidePicker, guarded, notify_error
+from napari_gpfm.napari._qt_common import (
+    SlidePicker,
+    closing_worker_class,
+    guarded,
+    notify_error,
+)
 from napari_gpfm.napari._session import (
     OVERLAY_KEY,
     SlideRef,
@@ -51,30 +56,6 @@ PENDING_RGBA = (30, 30, 30, 70)
 DONE_RGBA = (0, 190, 120, 150)
 # Repainting the progress layer costs a texture upload; a few times a second is plenty.
 REPAINT_INTERVAL_S = 0.3
-
-
-def _closing_worker_class():
-    # superqt's worker, not napari's subclass: napari's relays every worker exception as a
-    # notification with a traceback, while user errors here get one readable line.
-    from superqt.utils import GeneratorWorker
-
-    class ClosingGeneratorWorker(GeneratorWorker):
-        """A generator worker that closes its generator in the worker thread when it stops.
-
-        superqt's worker just stops iterating when asked to quit; closing the generator here
-        runs the job's ``finally`` blocks (flush written batches, finalise the store) in the
-        worker thread, not later on whichever thread garbage-collects it.
-        """
-
-        def work(self):
-            try:
-                return super().work()
-            finally:
-                gen = getattr(self, "_gen", None)
-                if gen is not None:
-                    gen.close()
-
-    return ClosingGeneratorWorker
 
 
 class EmbedWidget(QWidget):
@@ -309,7 +290,7 @@ class EmbedWidget(QWidget):
             embed_job,
             request,
             self._cancel_event,
-            _worker_class=_closing_worker_class(),
+            _worker_class=closing_worker_class(),
             _connect={
                 "yielded": self._on_yielded,
                 "returned": self._on_returned,

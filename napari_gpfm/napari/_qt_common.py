@@ -224,3 +224,27 @@ def table_text(table: QTableWidget) -> list[list[str]]:
         [table.item(r, c).text() if table.item(r, c) else "" for c in range(table.columnCount())]
         for r in range(table.rowCount())
     ]
+
+
+def closing_worker_class():
+    # superqt's worker, not napari's subclass: napari's relays every worker exception as a
+    # notification with a traceback, while user errors here get one readable line.
+    from superqt.utils import GeneratorWorker
+
+    class ClosingGeneratorWorker(GeneratorWorker):
+        """A generator worker that closes its generator in the worker thread when it stops.
+
+        superqt's worker just stops iterating when asked to quit; closing the generator here
+        runs the job's ``finally`` blocks (flush written batches, finalise the store) in the
+        worker thread, not later on whichever thread garbage-collects it.
+        """
+
+        def work(self):
+            try:
+                return super().work()
+            finally:
+                gen = getattr(self, "_gen", None)
+                if gen is not None:
+                    gen.close()
+
+    return ClosingGeneratorWorker

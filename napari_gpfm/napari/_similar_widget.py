@@ -1,16 +1,19 @@
-"""Similar regions dock widget: draw a region, see where the slide looks the same.
+"""Similar regions dock widget: draw a region, see where the slide (or a library) looks the same.
 
 The query is the mean embedding of the tiles inside the drawn rectangle or polygon (the
-selected shape, else the last one drawn), or the tile nearest a clicked point. Results: a
-similarity heatmap, the top-k tiles as rectangles coloured by score, and a table; clicking a
-row centres the view on that tile.
+selected shape, else the last one drawn), or the tile nearest a clicked point.
+
+* Search in this slide: a similarity heatmap, the top-k tiles as rectangles coloured by score,
+  and a table; clicking a row centres the view on that tile.
+* Search in a library (made by ``gpfm index build``): the most similar tiles of all its slides
+  as a gallery of thumbnails (:mod:`._gallery`); clicking one opens or switches to its slide,
+  centred on the tile.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -19,11 +22,14 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSpinBox,
+    QStackedWidget,
     QVBoxLayout,
     QWidget,
 )
 
 from napari_gpfm.errors import ParameterError
+from napari_gpfm.library.gallery import camera_for_box
+from napari_gpfm.napari._gallery import LibraryResults, LibraryRow
 from napari_gpfm.napari._overlays import edge_width_for, place_layer, score_layer, tile_boxes_layer
 from napari_gpfm.napari._qt_common import (
     SlidePicker,
@@ -46,6 +52,8 @@ if TYPE_CHECKING:
 QUERY_LAYER = "similarity query"
 # How many tile widths the view spans after jumping to a result.
 ZOOM_TILES = 6
+IN_SLIDE = "this slide"
+IN_LIBRARY = "a library"
 
 
 def _selected_or_last(layer: Any, count: int) -> int | None:
@@ -66,11 +74,27 @@ class SimilarWidget(QWidget):
 
         self.slide_picker = SlidePicker(viewer)
         self.store_row = StoreRow(self.slide_picker)
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems([IN_SLIDE, IN_LIBRARY])
+        self.scope_combo.setToolTip(
+            "Search the open slide, or a library of many slides (made by `gpfm index build` "
+            "with the same encoder and tiling as this slide's embeddings)"
+        )
+        self.library_row = LibraryRow()
+        self.group_check = QCheckBox("Group by slide: best")
+        self.group_check.setToolTip(
+            "List slides instead of tiles: the best regions of each of the most similar slides"
+        )
+        self.per_slide_spin = QSpinBox()
+        self.per_slide_spin.setRange(1, 50)
+        self.per_slide_spin.setValue(3)
+        self.per_slide_spin.setSuffix(" per slide")
         self.query_combo = QComboBox()
         self.query_combo.setToolTip("The Shapes or Points layer holding the query region")
         self.box_button = QPushButton("Draw box")
         self.polygon_button = QPushButton("Draw polygon")
         self.point_button = QPushButton("Click point")
+        self.k_label = QLabel("Top tiles")
         self.k_spin = QSpinBox()
         self.k_spin.setRange(1, 1000)
         self.k_spin.setValue(20)
@@ -79,33 +103,72 @@ class SimilarWidget(QWidget):
         self.search_button = QPushButton("Find similar tiles")
         self.table = make_table(["rank", "score", "x (px)", "y (px)"])
         self.table.setToolTip("Click a row to go to that tile (level-0 pixel coordinates)")
+        self.library_results = LibraryResults(viewer)
         self.status = QLabel("Draw a box or polygon on the tissue you are interested in.")
         self.status.setWordWrap(True)
+
+        # Library-only settings, shown in one block when "a library" is chosen.
+        self.library_options = QWidget()
+        library_layout = QVBoxLayout(self.library_options)
+        library_layout.setContentsMargins(0, 0, 0, 0)
+        library_layout.addWidget(self.library_row)
+        group = QHBoxLayout()
+        group.addWidget(self.group_check)
+        group.addWidget(self.per_slide_spin)
+        group.addStretch(1)
+        library_layout.addWidget(_wrap(group))
+        self.results = QStackedWidget()
+        self.results.addWidget(self.table)
+        self.results.addWidget(self.library_results)
 
         form = QFormLayout()
         form.addRow("Slide", self.slide_picker)
         form.addRow(self.store_row)
+        form.addRow("Search in", self.scope_combo)
+        form.addRow(self.library_options)
         form.addRow("Query layer", self.query_combo)
         draw = QHBoxLayout()
         for button in (self.box_button, self.polygon_button, self.point_button):
             draw.addWidget(button)
         form.addRow("Query", _wrap(draw))
-        form.addRow("Top tiles", self.k_spin)
+        form.addRow(self.k_label, self.k_spin)
         form.addRow(self.exclude_check)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.search_button)
         layout.addWidget(self.status)
-        layout.addWidget(self.table, 1)
+        layout.addWidget(self.results, 1)
 
         self.box_button.clicked.connect(lambda: self.start_query("add_rectangle"))
         self.polygon_button.clicked.connect(lambda: self.start_query("add_polygon"))
         self.point_button.clicked.connect(lambda: self.start_query("add"))
         self.search_button.clicked.connect(lambda: self.search())
         self.table.cellClicked.connect(lambda row, _col: self.go_to(row))
+        self.scope_combo.currentIndexChanged.connect(lambda _i: self._show_scope())
+        self.group_check.toggled.connect(lambda _on: self._show_scope())
+        self.library_results.message.connect(self.status.setText)
         viewer.layers.events.inserted.connect(self._relist)
         viewer.layers.events.removed.connect(self._relist)
         self._relist()
+        self._show_scope()
+
+    # ------------------------------------------------------------------ scope
+    @property
+    def searches_library(self) -> bool:
+        return self.scope_combo.currentText() == IN_LIBRARY
+
+    @property
+    def is_busy(self) -> bool:
+        return self.library_results.is_busy
+
+    def _show_scope(self) -> None:
+        library = self.searches_library
+        self.library_options.setVisible(library)
+        self.per_slide_spin.setEnabled(self.group_check.isChecked())
+        self.results.setCurrentWidget(self.library_results if library else self.table)
+        self.search_button.setText("Search the library" if library else "Find similar tiles")
+        grouped = library and self.group_check.isChecked()
+        self.k_label.setText("Top slides" if grouped else "Top tiles")
 
     # ------------------------------------------------------------------ query layers
     def _relist(self, event: Any = None) -> None:
@@ -134,6 +197,10 @@ class SimilarWidget(QWidget):
         from napari.layers import Points, Shapes
 
         ref = self.slide_picker.require_ref()
+        slide_layer = self.slide_picker.current_layer()
+        if slide_layer is not None and not slide_layer.visible:
+            # Hidden by going to a library hit: bring the slide (and its layers) back to draw on.
+            self.library_results.switcher.show(self.viewer, slide_layer)
         wanted = Points if mode == "add" else Shapes
         name = f"{QUERY_LAYER} points" if mode == "add" else QUERY_LAYER
         layer = next((lay for lay in self.viewer.layers
@@ -150,6 +217,7 @@ class SimilarWidget(QWidget):
                     name=name, face_color="#00e5ff", size=max(ref.dims) / 100.0,
                     metadata=meta, **ref.layer_kwargs(),
                 )
+        layer.visible = True
         self.viewer.layers.selection.active = layer
         layer.mode = mode
         self._relist()
@@ -185,15 +253,10 @@ class SimilarWidget(QWidget):
             return Roi.point(x, y), f"point {index + 1} of {layer.name}"
         raise ParameterError(f"layer {layer.name!r} is not a Shapes or Points layer")
 
-    # ------------------------------------------------------------------ search
-    @guarded
-    def search(self) -> None:
-        """Run the similarity search and show the heatmap, the top tiles and the table."""
+    def _checked_query(self, tiles: TileSet) -> tuple[Any, str]:
+        """The query region over ``tiles``' slide, refused when it holds no embedded tile."""
         from napari_gpfm.analysis.geometry import tiles_in_roi
-        from napari_gpfm.analysis.search import query_vector, search_similar, similarity
 
-        session = self.slide_picker.session()
-        tiles = session.tiles()
         roi, description = self._query_roi(tiles.ref)
         if len(tiles_in_roi(tiles.coords, tiles.tile_size_l0, roi)) == 0:
             raise ParameterError(
@@ -205,6 +268,20 @@ class SimilarWidget(QWidget):
             # Remember the slide under a user-made layer so it can be saved as GeoJSON.
             layer.metadata = {**layer.metadata,
                               OVERLAY_KEY: {"kind": "query", "slide": tiles.ref.to_metadata()}}
+        return roi, description
+
+    # ------------------------------------------------------------------ search
+    @guarded
+    def search(self) -> None:
+        """Search this slide (heatmap, top tiles, table) or the chosen library (gallery)."""
+        from napari_gpfm.analysis.search import query_vector, search_similar, similarity
+
+        if self.searches_library:
+            self.search_library()
+            return
+        session = self.slide_picker.session()
+        tiles = session.tiles()
+        roi, description = self._checked_query(tiles)
         result = search_similar(
             tiles.normed, tiles.coords, tiles.tile_size_l0, roi, k=int(self.k_spin.value()),
             exclude_query=self.exclude_check.isChecked(),
@@ -235,19 +312,44 @@ class SimilarWidget(QWidget):
             f"top {len(result)} of {len(tiles)} tiles shown{partial}"
         )
 
+    @guarded
+    def search_library(self) -> None:
+        """Search the chosen library with the query region, in a worker thread; the hits fill
+        the gallery as their thumbnails are read."""
+        from napari_gpfm.library.query import SearchOptions
+
+        if self.library_results.is_busy:
+            return
+        if self.library_row.path is None:
+            raise ParameterError(
+                "no library chosen: press 'Choose library…' and pick a folder made by "
+                "`gpfm index build`"
+            )
+        session = self.slide_picker.session()
+        tiles = session.tiles()
+        roi, description = self._checked_query(tiles)
+        options = SearchOptions(
+            top_k=int(self.k_spin.value()),
+            per_slide=int(self.per_slide_spin.value()) if self.group_check.isChecked() else None,
+            include_query=not self.exclude_check.isChecked(),
+        )
+        self.library_results.start(
+            self.library_row.path, tiles.store_path, roi, options,
+            {"query": description, "query_slide": tiles.ref.to_metadata()},
+        )
+
     def go_to(self, row: int) -> None:
         """Centre the view on result ``row`` (0-based) and zoom in on it."""
         if self.last_result is None or self.last_tiles is None or not 0 <= row < len(
             self.last_result
         ):
             return
-        tiles = self.last_tiles
-        x, y, w, h = self.last_result.boxes[row]
-        (cy, cx), = tiles.ref.level0_to_world(np.array([[x + w / 2.0, y + h / 2.0]]))
+        ref = self.last_tiles.ref
+        view = camera_for_box(self.last_result.boxes[row], ref.scale_yx, ref.translate_yx,
+                              self.viewer.canvas.size, ZOOM_TILES)
         camera = self.viewer.scene.camera
-        camera.center = (cy, cx)
-        tile_um = w * abs(tiles.ref.scale_yx[1])
-        camera.zoom = min(self.viewer.canvas.size) / (ZOOM_TILES * tile_um)
+        camera.center = view.center_yx
+        camera.zoom = view.zoom
         self.table.selectRow(row)
 
 
