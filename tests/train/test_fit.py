@@ -129,6 +129,30 @@ def test_the_tiny_config_runs_from_the_repository_root(monkeypatch):
     assert run.max_steps == 120 and run.trainer.accelerator == "cpu"
 
 
+@pytest.mark.parametrize("name", ["default_model.yaml", "default_model_gpu.yaml"])
+def test_the_default_model_configs_read_the_repository_data(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    run = load_run_config(name)
+    from gpfm_train.datamodule import GPFMDataModule
+
+    GPFMDataModule(run.data).validate()
+    # Both train the network that ships as napari_gpfm's default (its JSON records it).
+    shipped = json.loads((REPO / "napari_gpfm/encoders/weights/default.json").read_text())
+    assert run.model.backbone.kwargs == {k: shipped["model_kwargs"][k]
+                                         for k in ("embed_dim", "depth", "num_heads")}
+    if name == "default_model_gpu.yaml":
+        assert (run.trainer.accelerator, run.trainer.precision) == ("gpu", "bf16-mixed")
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "gpfm_train", "export", "--help"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and "--layout" in out.stdout
+
+
 def _empty_manifest(tmp_path: Path, rows: str = "") -> Path:
     path = tmp_path / ("gone.csv" if rows else "empty.csv")
     path.write_text("slide_path,mpp,n_tiles,spec_id,source,organ,split\n" + rows)
