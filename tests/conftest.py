@@ -34,3 +34,18 @@ def sample_slide_path() -> Path:
 @pytest.fixture(scope="session")
 def extra_he_dir() -> Path:
     return REPO_ROOT / "data" / "extra-he"
+
+
+@pytest.fixture
+def messages():
+    """The texts of the napari notifications shown during a test (errors the user sees)."""
+    from napari.utils.notifications import notification_manager
+
+    seen: list[str] = []
+
+    def collect(notification):
+        seen.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(collect)
+    yield seen
+    notification_manager.notification_ready.disconnect(collect)

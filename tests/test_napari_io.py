@@ -27,20 +27,6 @@ def slide_viewer(make_napari_viewer_proxy):
     reset_sessions()
 
 
-@pytest.fixture
-def messages():
-    from napari.utils.notifications import notification_manager
-
-    seen: list[str] = []
-
-    def collect(notification):
-        seen.append(str(notification.message))
-
-    notification_manager.notification_ready.connect(collect)
-    yield seen
-    notification_manager.notification_ready.disconnect(collect)
-
-
 def _world(ref, xy):
     return ref.level0_to_world(np.asarray(xy, dtype=np.float64))
 

@@ -77,20 +77,6 @@ def viewer(make_napari_viewer_proxy, embedded, monkeypatch):
     reset_sessions()
 
 
-@pytest.fixture
-def messages():
-    from napari.utils.notifications import notification_manager
-
-    seen: list[str] = []
-
-    def collect(notification):
-        seen.append(str(notification.message))
-
-    notification_manager.notification_ready.connect(collect)
-    yield seen
-    notification_manager.notification_ready.disconnect(collect)
-
-
 def _layer(viewer, suffix):
     return next(lay for lay in viewer.layers if lay.name.endswith(suffix))
 

@@ -46,20 +46,6 @@ def panel(make_napari_viewer_proxy, lib, tmp_path, monkeypatch):
     reset_sessions()
 
 
-@pytest.fixture
-def messages():
-    from napari.utils.notifications import notification_manager
-
-    seen: list[str] = []
-
-    def collect(notification):
-        seen.append(str(notification.message))
-
-    notification_manager.notification_ready.connect(collect)
-    yield seen
-    notification_manager.notification_ready.disconnect(collect)
-
-
 def _draw_box(v, widget, ref, lo, hi):
     widget.box_button.click()
     v.layers["similarity query"].add_rectangles(ref.level0_to_data(np.array([lo, hi])))
