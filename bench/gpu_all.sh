@@ -33,8 +33,10 @@ python3 -c "from napari_gpfm.slides import open_slide; open_slide('napari_gpfm/d
 
 if want train; then
 step "default model on the GPU: mild and DINOv2 colour augmentation, side by side"
+# Lightning's max_time starts with fitting, after ~20 s of tiling and set-up: it must end well
+# inside the outer timeout, whose SIGTERM would kill the run and its DataLoader workers.
 train=(python3 -m gpfm_train fit --config gpfm_train/configs/default_model_gpu.yaml
-       --set data.num_workers=7 --set 'trainer.extra={max_time: "00:00:03:40"}')
+       --set data.num_workers=7 --set 'trainer.extra={max_time: "00:00:03:05"}')
 timeout 235 "${train[@]}" --set trainer.default_root_dir=runs/gpu_mild \
     > /tmp/train_mild.log 2>&1 &
 timeout 235 "${train[@]}" --set trainer.default_root_dir=runs/gpu_dinov2 \
