@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _library_fixtures import build_library
+from _library_fixtures import NO_MPP_MPP, build_library, build_library_with_unscaled_slide
 
 from napari_gpfm.analysis.geometry import Roi
 from napari_gpfm.cli import main
@@ -174,3 +174,19 @@ def test_box_corners_and_camera_follow_napari_convention():
         camera_for_box(box, (1, 1), (0, 0), (0, 400))
     with pytest.raises(ParameterError, match="x, y, w, h"):
         box_corners((1, 2, 3))
+
+
+def test_hits_on_a_slide_without_pixel_size_keep_the_embedding_one(tmp_path):
+    """A slide whose file records no um/px was embedded with one the user gave: its hits carry
+    that value (the viewer opens the slide with it), and its thumbnails read."""
+    built = build_library_with_unscaled_slide(tmp_path)
+    with open_slide(built["unscaled_slide"]) as slide:
+        assert not slide.has_mpp
+    library = LibraryIndex.open(built["library"])
+    hits = search_roi(library, built["unscaled_store"], _roi(built["unscaled_store"], (0, 1)),
+                      SearchOptions(top_k=200, include_query=True))
+    unscaled = [h for h in hits if Path(h.slide_path) == built["unscaled_slide"]]
+    assert unscaled and all(h.slide_mpp == pytest.approx(NO_MPP_MPP) for h in unscaled)
+    assert all(h.slide_mpp == pytest.approx(0.499) for h in hits if h not in unscaled)
+    thumbs = list(iter_thumbnails(hits[:20], size=32))
+    assert [t.error for t in thumbs] == [None] * len(thumbs)

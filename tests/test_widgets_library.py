@@ -15,7 +15,11 @@ pytest.importorskip("napari")
 # Load Triton (through timm -> torch._dynamo) before any viewer maps Mesa's libLLVM: loaded
 # after it, the two LLVMs collide and the process segfaults (see napari/_llvm_guard.py).
 import timm  # noqa: E402, F401
-from _library_fixtures import build_library  # noqa: E402
+from _library_fixtures import (  # noqa: E402
+    NO_MPP_MPP,
+    build_library,
+    build_library_with_unscaled_slide,
+)
 
 from napari_gpfm.embedding.store import EmbeddingStore  # noqa: E402
 from napari_gpfm.library.gallery import box_corners, read_thumbnail  # noqa: E402
@@ -177,3 +181,31 @@ def test_library_that_does_not_fit_the_store_is_a_clear_message(panel, lib, qtbo
     assert not widget.library_results.cancel_button.isEnabled()
     if widget.library_results.last_hits is None:
         assert widget.status.text() == "Library search stopped."
+
+
+def test_a_hit_on_a_slide_without_pixel_size_opens_at_the_embedding_scale(
+        make_napari_viewer_proxy, tmp_path):
+    """The file records no um/px; the library knows the one it was embedded at, and the slide
+    opens with it (in micrometres like the others), framed on the hit."""
+    from napari_gpfm.library import LibraryIndex
+    from napari_gpfm.library.query import SearchOptions, search_roi
+    from napari_gpfm.napari._gallery_nav import SlideSwitcher, go_to_hit
+
+    built = build_library_with_unscaled_slide(tmp_path)
+    reset_sessions()
+    v = make_napari_viewer_proxy()
+    library = LibraryIndex.open(built["library"])
+    store = EmbeddingStore.open(built["unscaled_store"])
+    x, y = store.coords[0] + store.tile_size_l0 / 2.0  # a point: the tile under it
+    hits = search_roi(library, built["unscaled_store"], (x, y),
+                      SearchOptions(top_k=500, include_query=True))
+    hit = next(h for h in hits if h.slide_name == "no-mpp.tif")
+    layer, view = go_to_hit(v, hit, SlideSwitcher())
+    ref = SlideRef.from_layer(layer)
+    assert ref.mpp == pytest.approx(NO_MPP_MPP)
+    assert ref.scale_yx == pytest.approx((NO_MPP_MPP, NO_MPP_MPP))
+    cy, cx = view.center_yx
+    (top, left), = ref.level0_to_world(np.array([[hit.x, hit.y]]))
+    (bottom, right), = ref.level0_to_world(np.array([[hit.x + hit.w, hit.y + hit.h]]))
+    assert left <= cx <= right and top <= cy <= bottom
+    reset_sessions()

@@ -133,7 +133,7 @@ def iter_thumbnails(hits: Sequence[LibraryHit], size: int = THUMBNAIL_PX) -> Ite
             key = hit.slide_path
             if key not in opened:
                 try:
-                    opened[key] = open_slide(key)
+                    opened[key] = open_slide(key, mpp=hit.slide_mpp)
                 except GPFMError as exc:
                     opened[key] = exc
             slide = opened[key]

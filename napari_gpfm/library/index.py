@@ -86,6 +86,9 @@ class LibraryHit:
     h: float
     store_path: str
     slide_rank: int | None = None
+    # The level-0 um/px the slide was embedded at (its metadata's, or the one the user gave for
+    # a file that records none): reopening the slide with it works for both kinds of file.
+    slide_mpp: float | None = None
 
     @property
     def box(self) -> tuple[float, float, float, float]:
@@ -588,6 +591,7 @@ class LibraryIndex:
                 slide_fingerprint=record["slide_fingerprint"], tile=tile,
                 x=float(x), y=float(y), w=size, h=size, store_path=record["store_path"],
                 slide_rank=slide_rank[j] if slide_rank is not None else None,
+                slide_mpp=float(record.get("slide_mpp") or 0.0) or None,
             ))
         return hits
 

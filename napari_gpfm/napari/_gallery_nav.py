@@ -47,8 +47,12 @@ def find_slide_layer(viewer: Any, fingerprint: str) -> Any | None:
                  if SlideRef.from_layer(layer).fingerprint == fingerprint), None)
 
 
-def open_slide_layer(viewer: Any, path: str | Path) -> Any:
-    """Open ``path`` through napari-gpfm's reader (as File > Open does) and return its layer."""
+def open_slide_layer(viewer: Any, path: str | Path, mpp: float | None = None) -> Any:
+    """Open ``path`` through napari-gpfm's reader (as File > Open does) and return its layer.
+
+    ``mpp``: the level-0 um/px the slide was embedded at, used when the file records none
+    (the file's own value wins otherwise, as when the user opens it).
+    """
     from napari_gpfm.napari._reader import _open_cached
 
     file = Path(path)
@@ -57,7 +61,11 @@ def open_slide_layer(viewer: Any, path: str | Path) -> Any:
             f"slide {file} is missing (moved or deleted since it was embedded); restore it, or "
             "drop it from the library with `gpfm index remove`"
         )
-    _open_cached(file)  # a damaged file raises its one-line SlideError here, not in napari
+    # A damaged file raises its one-line SlideError here, not in napari; the reader then
+    # finds this Slide (with its pixel size) in the cache.
+    slide = _open_cached(file)
+    if not slide.has_mpp and mpp is not None:
+        _open_cached(file, mpp=mpp)  # no pixel size in the file: the embedding's
     added = viewer.open(str(file), plugin="napari-gpfm")
     layer = next((lay for lay in added if SlideRef.from_layer(lay) is not None), None)
     if layer is None:  # pragma: no cover - our reader always returns the slide layer
@@ -128,7 +136,7 @@ def go_to_hit(viewer: Any, hit: LibraryHit, switcher: SlideSwitcher,
     """
     layer = find_slide_layer(viewer, hit.slide_fingerprint)
     if layer is None:
-        layer = open_slide_layer(viewer, hit.slide_path)
+        layer = open_slide_layer(viewer, hit.slide_path, mpp=hit.slide_mpp)
         ref = SlideRef.from_layer(layer)
         if ref.fingerprint != hit.slide_fingerprint:
             viewer.layers.remove(layer)
