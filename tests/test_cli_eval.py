@@ -102,6 +102,17 @@ def test_eval_band_split(sample_slide_path, tmp_path):
     assert "split by band (5 groups, seed 0)" in (tmp_path / "b.md").read_text()
 
 
+def test_eval_cross_validation_tests_every_tile(sample_slide_path, tmp_path):
+    rc = _eval("knn", "retrieval", "--tiles", sample_slide_path, "--regions", REGIONS,
+               "--folds", 3, "--baseline", "colour-histogram", "--out", tmp_path / "cv.md",
+               "--csv", tmp_path / "cv.csv", *FAST)
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "cv.csv").open()))
+    assert {r["protocol"] for r in rows} == {"knn", "retrieval"}
+    assert all(int(r["n_eval"]) == 44 for r in rows)  # every labelled tile, once
+    assert "3-fold cross-validation by region" in (tmp_path / "cv.md").read_text()
+
+
 def test_eval_on_an_image_folder(tmp_path, weights):
     from PIL import Image
 

@@ -41,7 +41,13 @@ from napari_gpfm.evaluation.protocols import (
     zscore,
 )
 from napari_gpfm.evaluation.report import EvaluationReport
-from napari_gpfm.evaluation.splits import band_groups, grouped_split, make_split
+from napari_gpfm.evaluation.splits import (
+    band_groups,
+    grouped_folds,
+    grouped_split,
+    make_folds,
+    make_split,
+)
 from napari_gpfm.evaluation.tilesets import (
     load_tileset,
     tiles_from_csv,
@@ -315,6 +321,58 @@ def test_grouped_split_refuses_a_class_with_one_region():
     groups = np.array([0, 0, 1, 1, 2, 2])
     with pytest.raises(ParameterError, match="'x' have tiles in only one region"):
         grouped_split(labels, groups, ["x", "y"], seed=0)
+
+
+def test_folds_test_every_group_once_and_keep_classes_in_training():
+    # Class "c" has only two groups: in the fold testing one, the other must stay in training.
+    labels = np.repeat([0, 0, 0, 0, 1, 1, 1, 2, 2], 5)
+    groups = np.repeat(np.arange(9), 5)
+    folds = grouped_folds(labels, groups, ["a", "b", "c"], n_folds=3, seed=0)
+    tested = np.concatenate([f.test for f in folds])
+    assert sorted(tested.tolist()) == list(range(len(labels)))  # every tile exactly once
+    for fold in folds:
+        sides = [set(groups[idx]) for idx in (fold.train, fold.val, fold.test)]
+        assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+        assert sum(map(len, (fold.train, fold.val, fold.test))) == len(labels)
+        assert set(labels[fold.test]) <= set(labels[fold.train])
+    assert {len(set(labels[f.test])) for f in folds} >= {2}  # classes are spread over folds
+    again = grouped_folds(labels, groups, ["a", "b", "c"], n_folds=3, seed=0)
+    assert all(np.array_equal(a.test, b.test) for a, b in zip(folds, again, strict=True))
+
+
+@pytest.mark.parametrize(("n_folds", "labels", "message"), [
+    (2, [0, 0, 1, 1, 1, 1], "at least 3 folds"),
+    (4, [0, 0, 1, 1, 1, 1], "only 3 regions; use at most 3 folds"),
+    (3, [0, 0, 1, 1, 1, 1], "'x' have tiles in only one region"),
+])
+def test_folds_refuse_what_cannot_be_cross_validated(n_folds, labels, message):
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ParameterError, match=message):
+        grouped_folds(np.array(labels), groups, ["x", "y"], n_folds=n_folds)
+
+
+def test_protocols_over_folds_measure_every_tile(separable, random_features):
+    features, labels, groups, names = _grouped_data(np.random.default_rng(0), spread=8.0)
+    folds = grouped_folds(labels, groups, names, n_folds=5, seed=0)
+    for result in (linear_probe(features, labels, folds, 4, n_boot=50, epochs=150),
+                   knn_probe(features, labels, folds, 4, n_boot=50),
+                   retrieval(features, labels, folds, 4, n_boot=50)):
+        assert result.n_eval == len(labels)
+        key = "top1" if result.protocol == "retrieval" else "balanced_accuracy"
+        assert result.metrics[key].value > 0.97, result.protocol
+    assert linear_probe(features, labels, folds, 4, n_boot=0, epochs=150).params["folds"] == 5
+    # One fold given as a list is the single split.
+    features, labels, split = random_features
+    single, listed = knn_probe(features, labels, split, 4), knn_probe(features, labels, [split], 4)
+    assert single.metrics["balanced_accuracy"] == listed.metrics["balanced_accuracy"]
+
+
+def test_folds_of_the_sample_regions(sample_tiles):
+    folds = make_folds(sample_tiles, 3)
+    assert sorted(np.concatenate([f.test for f in folds]).tolist()) == list(
+        range(len(sample_tiles)))
+    for fold in folds:  # every class with a test tile is also learnt from
+        assert set(sample_tiles.labels[fold.test]) <= set(sample_tiles.labels[fold.train])
 
 
 def test_band_groups_follow_tile_rows_per_slide():

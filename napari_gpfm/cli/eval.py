@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--split", choices=("region", "band"), default="region",
                    help="hold out whole labelled regions (default) or horizontal bands")
     p.add_argument("--bands", type=int, default=5, help="number of bands for --split band")
+    p.add_argument("--folds", type=int, default=0,
+                   help="k-fold cross-validation over the regions (or bands): every tile is "
+                        "tested once; for small labelled sets (0 = one held-out split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, probe and queries")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--epochs", type=int, default=3000, help="linear probe: maximum epochs")
@@ -72,7 +75,8 @@ def run(args) -> int:
         if path:
             check_output_path(path, what)
     settings = EvalSettings(
-        protocols=protocols, split=args.split, n_bands=args.bands, seed=args.seed,
+        protocols=protocols, split=args.split, n_bands=args.bands, folds=args.folds,
+        seed=args.seed,
         n_boot=args.bootstrap, epochs=args.epochs, patience=args.patience, device=args.device,
         batch_size=args.batch_size,
     )

@@ -32,13 +32,16 @@
 
 Supervised protocols fit on the training split (the linear probe also uses the validation
 split for early stopping); kNN and retrieval have nothing to tune, so their database is the
-training and validation tiles together; all three are measured on the test split. Every
+training and validation tiles together; all three are measured on the test split. Given the
+folds of a cross-validation instead of one split, they do this in every fold and measure the
+test tiles of all folds together (each tile once). Every
 metric comes with a seeded percentile-bootstrap 95% interval over the evaluated tiles.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +95,22 @@ def _require_classes(labels: np.ndarray, index: np.ndarray, what: str, minimum: 
         )
 
 
+def _folds(split: Split | Sequence[Split]) -> list[Split]:
+    """One split, or the folds of a cross-validation, as a list."""
+    return [split] if isinstance(split, Split) else list(split)
+
+
+def _pooled_params(per_fold: list[dict[str, Any]]) -> dict[str, Any]:
+    """A protocol's settings and findings over folds: shared values once, the rest as lists."""
+    if len(per_fold) == 1:
+        return per_fold[0]
+    out: dict[str, Any] = {"folds": len(per_fold)}
+    for key in per_fold[0]:
+        values = [p[key] for p in per_fold]
+        out[key] = values[0] if all(v == values[0] for v in values) else values
+    return out
+
+
 def _classification_result(
     protocol: str, y: np.ndarray, proba: np.ndarray, n_classes: int, n_boot: int, seed: int,
     n_fit: int, n_val: int, params: dict[str, Any],
@@ -109,7 +128,7 @@ def _classification_result(
 def linear_probe(
     features: np.ndarray,
     labels: np.ndarray,
-    split: Split,
+    split: Split | Sequence[Split],
     n_classes: int,
     *,
     lr: float = 5e-4,
@@ -121,14 +140,17 @@ def linear_probe(
     seed: int = 0,
     n_boot: int = 1000,
 ) -> ProtocolResult:
-    """GPFM's linear probe (module notes) on frozen ``features``; metrics on ``split.test``."""
+    """GPFM's linear probe (module notes) on frozen ``features``; metrics on ``split.test``
+    (with a sequence of folds: one probe per fold, metrics over all their test tiles)."""
     import torch
 
     x = _features(features)
     y = np.asarray(labels, dtype=np.int64)
-    _require_classes(y, split.train, "training")
-    _require_classes(y, split.val, "validation")
-    _require_classes(y, split.test, "test", minimum=1)
+    folds = _folds(split)
+    for fold in folds:
+        _require_classes(y, fold.train, "training")
+        _require_classes(y, fold.val, "validation")
+        _require_classes(y, fold.test, "test", minimum=1)
     if epochs < 1 or patience < 1 or batch_size < 1:
         raise ParameterError("--epochs, --patience and the batch size must be at least 1")
 
@@ -136,18 +158,25 @@ def linear_probe(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_linear(x, y, split, n_classes, lr=lr, weight_decay=weight_decay,
-                             eta_min=eta_min, batch_size=batch_size, epochs=epochs,
-                             patience=patience, seed=seed, n_boot=n_boot)
+        fitted = [_train_linear(x, y, fold, n_classes, lr=lr, weight_decay=weight_decay,
+                                eta_min=eta_min, batch_size=batch_size, epochs=epochs,
+                                patience=patience, seed=seed) for fold in folds]
     finally:
         torch.set_num_threads(threads)
+    return _classification_result(
+        "linear", np.concatenate([y[f.test] for f in folds]),
+        np.concatenate([proba for proba, _ in fitted]), n_classes, n_boot, seed,
+        round(np.mean([len(f.train) for f in folds])), round(np.mean([len(f.val) for f in folds])),
+        _pooled_params([params for _, params in fitted]),
+    )
 
 
 def _train_linear(
     x: np.ndarray, y: np.ndarray, split: Split, n_classes: int, *, lr: float,
     weight_decay: float, eta_min: float, batch_size: int, epochs: int, patience: int, seed: int,
-    n_boot: int,
-) -> ProtocolResult:
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train on ``split.train`` with early stopping on ``split.val``; the test probabilities
+    and what training found."""
     import torch
     import torch.nn.functional as F
 
@@ -198,8 +227,7 @@ def _train_linear(
         "best_epoch": best_epoch + 1, "best_val_auroc": float(best_auroc),
         "best_val_loss": float(best_loss), "seed": int(seed),
     }
-    return _classification_result("linear", y[split.test], proba.astype(np.float64), n_classes,
-                                  n_boot, seed, len(split.train), len(split.val), params)
+    return proba.astype(np.float64), params
 
 
 # ----------------------------------------------------------------------------- kNN
@@ -243,7 +271,7 @@ def knn_probabilities(
 def knn_probe(
     features: np.ndarray,
     labels: np.ndarray,
-    split: Split,
+    split: Split | Sequence[Split],
     n_classes: int,
     *,
     k: int = 20,
@@ -251,16 +279,23 @@ def knn_probe(
     seed: int = 0,
     n_boot: int = 1000,
 ) -> ProtocolResult:
-    """Weighted kNN: database = train + val tiles, queries = test tiles."""
+    """Weighted kNN: database = train + val tiles, queries = test tiles (of every fold)."""
     x = _features(features)
     y = np.asarray(labels, dtype=np.int64)
-    database = np.concatenate([split.train, split.val])
-    _require_classes(y, database, "training + validation")
-    _require_classes(y, split.test, "test", minimum=1)
-    proba = knn_probabilities(x[database], y[database], x[split.test], n_classes, k, temperature)
-    params = {"k": min(k, len(database)), "temperature": temperature, "similarity": "cosine"}
-    return _classification_result("knn", y[split.test], proba, n_classes, n_boot, seed,
-                                  len(database), 0, params)
+    folds = _folds(split)
+    probas, sizes = [], []
+    for fold in folds:
+        database = np.concatenate([fold.train, fold.val])
+        _require_classes(y, database, "training + validation")
+        _require_classes(y, fold.test, "test", minimum=1)
+        probas.append(knn_probabilities(x[database], y[database], x[fold.test], n_classes, k,
+                                        temperature))
+        sizes.append(len(database))
+    params = _pooled_params([{"k": min(k, n), "temperature": temperature,
+                              "similarity": "cosine"} for n in sizes])
+    return _classification_result("knn", np.concatenate([y[f.test] for f in folds]),
+                                  np.concatenate(probas), n_classes, n_boot, seed,
+                                  round(np.mean(sizes)), 0, params)
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -304,26 +339,31 @@ def retrieval_votes(
 def retrieval(
     features: np.ndarray,
     labels: np.ndarray,
-    split: Split,
+    split: Split | Sequence[Split],
     n_classes: int,
     *,
     ks: tuple[int, ...] = (1, 3, 5),
     seed: int = 0,
     n_boot: int = 1000,
 ) -> ProtocolResult:
-    """GPFM's ROI retrieval: macro top-k accuracy of test queries against train + val."""
+    """GPFM's ROI retrieval: macro top-k accuracy of test queries against train + val (over
+    the test tiles of every fold)."""
     x = _features(features)
     y = np.asarray(labels, dtype=np.int64)
-    database = np.concatenate([split.train, split.val])
-    _require_classes(y, database, "training + validation")
-    _require_classes(y, split.test, "test", minimum=1)
-    db, q = zscore(x[database], x[split.test])
-    votes = retrieval_votes(db, y[database], q, n_classes)
-    y_test = y[split.test]
-    target = votes[np.arange(len(q)), y_test][:, None]
-    higher = (votes > target).sum(axis=1)
-    tied = (votes == target).sum(axis=1) - 1
-    hits, _ = tie_aware_hits(higher, tied, ks)
+    folds = _folds(split)
+    higher_parts, tied_parts, sizes = [], [], []
+    for fold in folds:
+        database = np.concatenate([fold.train, fold.val])
+        _require_classes(y, database, "training + validation")
+        _require_classes(y, fold.test, "test", minimum=1)
+        db, q = zscore(x[database], x[fold.test])
+        votes = retrieval_votes(db, y[database], q, n_classes)
+        target = votes[np.arange(len(q)), y[fold.test]][:, None]
+        higher_parts.append((votes > target).sum(axis=1))
+        tied_parts.append((votes == target).sum(axis=1) - 1)
+        sizes.append(len(database))
+    y_test = np.concatenate([y[f.test] for f in folds])
+    hits, _ = tie_aware_hits(np.concatenate(higher_parts), np.concatenate(tied_parts), ks)
 
     def statistic(idx: np.ndarray) -> dict[str, float]:
         out = {}
@@ -336,10 +376,10 @@ def retrieval(
                                             for c in present]))
         return out
 
-    metrics = bootstrap(statistic, len(q), n_boot=n_boot, seed=seed)
-    params = {"neighbours": min(n_classes, len(database)), "distance": "euclidean (z-scored)",
-              "votes": "1.0, 0.9, 0.8, ..."}
-    return ProtocolResult("retrieval", metrics, len(database), 0, len(q), params)
+    metrics = bootstrap(statistic, len(y_test), n_boot=n_boot, seed=seed)
+    params = _pooled_params([{"neighbours": min(n_classes, n), "distance": "euclidean (z-scored)",
+                              "votes": "1.0, 0.9, 0.8, ..."} for n in sizes])
+    return ProtocolResult("retrieval", metrics, round(np.mean(sizes)), 0, len(y_test), params)
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -21,7 +21,7 @@ from napari_gpfm.evaluation.protocols import (
     retrieval,
 )
 from napari_gpfm.evaluation.report import EvaluationReport
-from napari_gpfm.evaluation.splits import make_split
+from napari_gpfm.evaluation.splits import describe_folds, make_folds, make_split
 from napari_gpfm.evaluation.tilesets import TileSet
 
 
@@ -32,6 +32,7 @@ class EvalSettings:
     protocols: tuple[str, ...] = PROTOCOLS
     split: str = "region"
     n_bands: int = 5
+    folds: int = 0  # 0: one held-out split; k >= 3: k-fold cross-validation over the groups
     seed: int = 0
     n_boot: int = 1000
     epochs: int = 3000
@@ -76,8 +77,13 @@ def evaluate(
     supervised = [p for p in settings.protocols if p != "augretrieval"]
     split, split_line = None, "no split (augmentation retrieval only)"
     if supervised:
-        split = make_split(tileset, settings.split, settings.seed, settings.n_bands)
-        split_line = split.describe(tileset.labels, tileset.class_names)
+        if settings.folds:
+            split = make_folds(tileset, settings.folds, settings.split, settings.seed,
+                               settings.n_bands)
+            split_line = describe_folds(split, tileset.labels, tileset.class_names)
+        else:
+            split = make_split(tileset, settings.split, settings.seed, settings.n_bands)
+            split_line = split.describe(tileset.labels, tileset.class_names)
         say(split_line)
     augmented = None
     aug_params = AugmentParams(**settings.augment)
