@@ -3,8 +3,9 @@
 Baselines: the same network with random weights (seed 0), and a plain colour histogram.
 Tiles: the labelled regions of the bundled sample slide (`data/labels/cmu1_regions.geojson`),
 224 px at 0.5 um/px with a 112 px stride; regions are held out whole (no neighbouring-tile
-leakage), in 3-fold cross-validation over the regions so that every tile is tested once (one
-held-out split of this small set tests only 3 keratin tiles). Protocols: linear probe, weighted
+leakage), in 5-fold cross-validation over the regions so that every tile is tested once (one
+held-out split of this small set tests only 3 keratin tiles); 5 folds give each fold the
+60 / 20 / 20 train / validation / test shares of the single split. Protocols: linear probe, weighted
 kNN, retrieval, and retrieval of a tile's original under augmentation.
 
     python scripts/evaluate_default_model.py [--weights W] [--out docs/default-model-eval.md]
@@ -48,7 +49,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "docs/default-model-eval.md")
     ap.add_argument("--csv", type=Path, default=REPO / "docs/default-model-eval.csv")
     ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--folds", type=int, default=3,
+    ap.add_argument("--folds", type=int, default=5,
                     help="cross-validation folds over the regions (0: one held-out split)")
     args = ap.parse_args()
 
