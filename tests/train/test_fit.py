@@ -129,14 +129,15 @@ def test_the_tiny_config_runs_from_the_repository_root(monkeypatch):
     assert run.max_steps == 120 and run.trainer.accelerator == "cpu"
 
 
-@pytest.mark.parametrize("name", ["default_model.yaml", "default_model_gpu.yaml"])
+@pytest.mark.parametrize("name", ["default_model.yaml", "default_model_stage3.yaml",
+                                  "default_model_gpu.yaml"])
 def test_the_default_model_configs_read_the_repository_data(name, monkeypatch):
     monkeypatch.chdir(REPO)
     run = load_run_config(name)
     from gpfm_train.datamodule import GPFMDataModule
 
     GPFMDataModule(run.data).validate()
-    # Both train the network that ships as napari_gpfm's default (its JSON records it).
+    # All train the network that ships as napari_gpfm's default (its JSON records it).
     shipped = json.loads((REPO / "napari_gpfm/encoders/weights/default.json").read_text())
     assert run.model.backbone.kwargs == {k: shipped["model_kwargs"][k]
                                          for k in ("embed_dim", "depth", "num_heads")}
