@@ -6,7 +6,9 @@ Run under a real X display with OpenGL (Qt's offscreen platform has no OpenGL):
 
 It opens the sample, embeds it with ``--model`` (default: the embedded default model), then
 drives the Maps, Similar regions and ROI classifier widgets and the GeoJSON writer/reader
-exactly as a user would, saving ``docs/images/*.png``. It also measures how late a 10 ms timer
+exactly as a user would, saving ``docs/images/*.png``. Last, it embeds a second real slide
+(the OpenSlide OS-1 crop) at the sample's tiling, indexes both into a library in a temporary
+folder and searches it from the Similar regions panel. It also measures how late a 10 ms timer
 fires on the viewer's event loop while the embedding runs, and prints p50/p99.
 
 ``--fallback-random`` allows a placeholder when the default model is not built yet: a tiny
@@ -27,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# The library's second slide: a real H&E crop at 0.227 um/px (9 tiles at the default tiling).
+OS1_CROP = REPO / "data" / "extra-he" / "openslide_os1_crop" / "OS-1-detail.ome.tif"
 FALLBACK_ARCH = "vit_tiny_patch16_224"
 SHOT_WIDTH = 1360
 # Level-0 pixel boxes (x0, y0, x1, y1) on CMU-1-Small-Region, chosen by looking at the slide.
@@ -170,6 +174,28 @@ class Driver:
         camera.zoom = min(h / ((y1 - y0) * ref.scale_yx[0]), w / ((x1 - x0) * ref.scale_yx[1]))
 
 
+def build_library(sample_store: Path, model: str, weights: str | None, device: str,
+                  work: Path) -> Path:
+    """Embed the OS-1 crop exactly as the sample was (its store's tiling and model) and index
+    both stores into a library, as `gpfm embed` + `gpfm index build` would."""
+    from napari_gpfm.embedding.engine import embed_slide, prepare_store
+    from napari_gpfm.embedding.store import EmbeddingStore
+    from napari_gpfm.encoders import load_encoder
+    from napari_gpfm.library import LibraryIndex
+    from napari_gpfm.slides import open_slide
+    from napari_gpfm.tiling import TilingSpec, make_grid
+
+    # The library accepts only stores of one model and one tiling: reuse the sample's.
+    spec = TilingSpec.from_dict(EmbeddingStore.open(sample_store).attrs["tiling"])
+    encoder = load_encoder(model, weights=weights, device="cpu")
+    other = work / "library-stores" / "os1.zarr"
+    with open_slide(OS1_CROP) as slide:
+        grid = make_grid(slide, spec)
+        store = prepare_store(other, slide=slide, grid=grid, encoder=encoder, spec=spec)
+        embed_slide(slide, grid, encoder, store, device=device, batch_size=64, num_workers=0)
+    return LibraryIndex.build([sample_store, other], work / "library").path
+
+
 def box_data(ref, box) -> np.ndarray:
     x0, y0, x1, y1 = box
     return ref.level0_to_data(np.array([[x0, y0], [x1, y1]], dtype=np.float64))
@@ -291,6 +317,35 @@ def main(argv: list[str] | None = None) -> int:
     viewer.open(str(geojson), plugin="napari-gpfm")
     d.shot("08-geojson-read-back")
     print(f"GeoJSON written to {geojson} and {work / 'tissue-map.geojson'}")
+
+    # 7. Similar regions over a library: the sample and the OS-1 crop, searched with the
+    # epidermis box; a click on an OS-1 thumbnail opens that slide framed on the hit.
+    similar = d.dock("Similar regions")
+    sample_store = similar.slide_picker.session().tiles().store_path
+    library = build_library(Path(sample_store), model, weights, args.device, work)
+    similar.scope_combo.setCurrentText("a library")
+    similar.library_row.set_library(library)
+    similar.start_query("add_rectangle")
+    query = viewer.layers["similarity query"]
+    query.data = []  # step 4's box is still there: draw this query afresh, as a user would
+    query.add_rectangles(box_data(ref, EPIDERMIS_QUERY))
+    query.mode = "pan_zoom"
+    # Grouped by slide, so the gallery shows both slides' best regions whatever their scores.
+    similar.group_check.setChecked(True)
+    similar.per_slide_spin.setValue(3)
+    similar.k_spin.setValue(2)
+    gallery = similar.library_results.gallery
+    similar.search()
+    d.wait_until(lambda: not similar.is_busy)
+    results = similar.library_results
+    hits = gallery.hits
+    if len(results.thumbnails) < len(hits) or not hits:
+        raise SystemExit(f"error: library search incomplete: {similar.status.text()}")
+    other = next((i for i, h in enumerate(hits) if h.slide_name == OS1_CROP.name), None)
+    if other is None:
+        raise SystemExit(f"error: no hit on {OS1_CROP.name}: {similar.status.text()}")
+    gallery.itemClicked.emit(gallery.item(other))  # a user's click
+    d.shot("09-similar-library")
     (out / "embed-latency.json").write_text(json.dumps(latency, indent=2) + "\n")
     viewer.close()
     return 0

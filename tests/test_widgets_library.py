@@ -80,6 +80,10 @@ def _assert_framed(v, layer, hit):
 
 def test_library_gallery_opens_and_switches_slides(panel, lib, qtbot, messages):
     v, ref, widget = panel
+    # napari pads docks that do not ask for height with a stretch; that would leave the gallery
+    # one row of thumbnails without captions.
+    layout = widget.layout()
+    assert layout.itemAt(layout.count() - 1).spacerItem() is None
     widget.store_row.use_store(lib["sample_store"])
     assert widget.results.currentWidget() is widget.library_results
     assert widget.search_button.text() == "Search the library"

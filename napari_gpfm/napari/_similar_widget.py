@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QStackedWidget,
     QVBoxLayout,
@@ -120,6 +121,9 @@ class SimilarWidget(QWidget):
         self.results = QStackedWidget()
         self.results.addWidget(self.table)
         self.results.addWidget(self.library_results)
+        # napari pads a dock whose widgets all keep their preferred height with a stretch,
+        # which would squeeze the table / gallery to a row: ask for the height instead.
+        self.results.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
 
         form = QFormLayout()
         form.addRow("Slide", self.slide_picker)
