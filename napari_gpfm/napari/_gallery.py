@@ -17,7 +17,6 @@ from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
-    QLabel,
     QListView,
     QListWidget,
     QListWidgetItem,
@@ -36,7 +35,12 @@ from napari_gpfm.library.gallery import (
     gallery_search,
 )
 from napari_gpfm.napari._gallery_nav import SlideSwitcher, go_to_hit
-from napari_gpfm.napari._qt_common import closing_worker_class, guarded, notify_error
+from napari_gpfm.napari._qt_common import (
+    closing_worker_class,
+    guarded,
+    label_and_button,
+    notify_error,
+)
 
 if TYPE_CHECKING:
     from napari_gpfm.library.query import SearchOptions
@@ -54,14 +58,10 @@ class LibraryRow(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.path: Path | None = None
-        self.label = QLabel("Library: none chosen")
-        self.label.setWordWrap(True)
-        self.choose_button = QPushButton("Choose library…")
-        self.choose_button.setToolTip("A library folder made by `gpfm index build`")
-        layout = QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.label, 1)
-        layout.addWidget(self.choose_button)
+        self.label, self.choose_button = label_and_button(
+            self, "Choose library…", "A library folder made by `gpfm index build`"
+        )
+        self.label.setText("Library: none chosen")
         self.choose_button.clicked.connect(lambda: self._choose())
 
     @guarded

@@ -136,6 +136,19 @@ class SlidePicker(QComboBox):
         return session_for(self.require_ref())
 
 
+def label_and_button(row: QWidget, button_text: str, tooltip: str) -> tuple[QLabel, QPushButton]:
+    """Fill ``row`` with a word-wrapped status label and a button at its right."""
+    label = QLabel()
+    label.setWordWrap(True)
+    button = QPushButton(button_text)
+    button.setToolTip(tooltip)
+    layout = QHBoxLayout(row)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(label, 1)
+    layout.addWidget(button)
+    return label, button
+
+
 class StoreRow(QWidget):
     """Shows the embedding store used for the chosen slide, with a button to choose another."""
 
@@ -144,14 +157,9 @@ class StoreRow(QWidget):
     def __init__(self, picker: SlidePicker, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.picker = picker
-        self.label = QLabel()
-        self.label.setWordWrap(True)
-        self.choose_button = QPushButton("Choose store…")
-        self.choose_button.setToolTip("Use another embedding store (a .zarr folder) for this slide")
-        layout = QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.label, 1)
-        layout.addWidget(self.choose_button)
+        self.label, self.choose_button = label_and_button(
+            self, "Choose store…", "Use another embedding store (a .zarr folder) for this slide"
+        )
         self.choose_button.clicked.connect(lambda: self._choose())
         picker.slide_changed.connect(self.refresh)
         self.refresh()
