@@ -37,23 +37,11 @@ if str(REPO) not in sys.path:
 def machine_info(device) -> dict:
     """CPU, cores, memory, torch, and the accelerator name if any."""
     import torch
+    from _machine import cpu_name, ram_gib
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        mem_gb = pages / 2**30
-    except (ValueError, OSError, AttributeError):
-        pass
+    mem_gb = ram_gib()
     info = {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(mem_gb, 1) if mem_gb else None,

@@ -51,15 +51,9 @@ def machine() -> dict:
     import psutil
     import tifffile
     import tiffslide
+    from _machine import cpu_name
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
+    cpu = cpu_name()
     try:
         import openslide
 

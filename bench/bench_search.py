@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -61,24 +60,10 @@ K = 100
 
 # ---------------------------------------------------------------------- machine
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                ram = int(line.split()[1]) * 1024
-    except OSError:
-        pass
     import faiss
+    from _machine import cpu_name, ram_gib
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram / 2**30, 1),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "ram_gib": round(ram_gib() or 0.0, 1),
             "faiss": faiss.__version__, "numpy": np.__version__,
             "load_avg": [round(v, 2) for v in os.getloadavg()]}
 

@@ -57,7 +57,7 @@ class TileBatch:
 
 
 class _Cancelled(Exception):
-    pass
+    """Stops a reader thread's batch when the loader is stopped or its slide reader closed."""
 
 
 class _Entry:

@@ -22,68 +22,40 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_run import REPO, set_args, tiny_overrides
 
 from gpfm_train.cli import fit, load_run_config, prepare_fit
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "napari_gpfm" / "data" / "CMU-1-Small-Region.svs"
-TILES = REPO / "data" / "extra-he" / "mopadi_examples"
 STEPS = 3
 
 
-def _values(root: Path, batch: int) -> dict[str, object]:
-    return {
-        "model.backbone.kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2},
-        "model.backbone.img_size": 56,
+def _values(root: Path, batch: int) -> list[tuple[str, object]]:
+    return tiny_overrides(root, **{
         "model.backbone.drop_path_rate": 0.0,
-        "model.distill.n_local": 2,
-        "model.distill.out_dim": 256,
-        "model.distill.head_hidden_dim": 64,
-        "model.distill.head_bottleneck_dim": 32,
         "model.distill.koleo_loss_weight": 0.0,
         "model.schedule.warmup_epochs": 0,
         "model.schedule.base_lr": 4.0e-3,
         "model.schedule.epoch_length": 2,
-        "data.crops.global_crops_size": 56,
-        "data.crops.local_crops_size": 28,
-        "data.crops.local_crops_number": 2,
         "data.masks.mask_sample_probability": 0.0,
         "data.batch_size": batch,
         "data.num_workers": 1,
-        "data.sources": [{"slides": [str(SAMPLE)]}, {"tile_folder": str(TILES)}],
-        "trainer.default_root_dir": str(root),
-        "trainer.enable_progress_bar": False,
         "trainer.max_steps": STEPS,
         "trainer.logger": None,
-    }
-
-
-def _flow(value: object) -> str:
-    """A YAML flow rendering for --set (lists/dicts of plain values)."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_flow(v) for v in value) + "]"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    })
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    run = load_run_config("tiny_cpu.yaml", list(_values(root / "one", 4).items()))
+    run = load_run_config("tiny_cpu.yaml", _values(root / "one", 4))
     initial = {k: v.detach().clone()
                for k, v in prepare_fit(run).module.distiller.state_dict().items()}
     single = fit(run)
     reference = {k: v.detach().clone() for k, v in single.module.distiller.state_dict().items()}
 
     args = [sys.executable, "-m", "gpfm_train.cli", "fit", "--config", "tiny_cpu.yaml",
-            "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    for key, value in _values(root / "two", 2).items():
-        args += ["--set", f"{key}={_flow(value)}"]
+            "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            *set_args(_values(root / "two", 2))]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

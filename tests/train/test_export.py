@@ -2,43 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from _tiny_run import SAMPLE, tiny_overrides
 
 from gpfm_train.cli import fit, load_run_config, main
 from gpfm_train.export_weights import from_gpfm_release_layout
 from gpfm_train.models import backbone_forward
 from napari_gpfm.encoders import DefaultModelConfig, load_encoder
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "napari_gpfm" / "data" / "CMU-1-Small-Region.svs"
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    overrides = {
-        "model.backbone.kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2},
-        "model.backbone.img_size": 56,
-        "model.distill.n_local": 2,
-        "model.distill.out_dim": 256,
-        "model.distill.head_hidden_dim": 64,
-        "model.distill.head_bottleneck_dim": 32,
+    overrides = tiny_overrides(root, **{
         "model.schedule.warmup_epochs": 0,
-        "data.crops.global_crops_size": 56,
-        "data.crops.local_crops_size": 28,
-        "data.crops.local_crops_number": 2,
-        "data.batch_size": 4,
-        "data.num_workers": 0,
         "data.sources": [{"slides": [str(SAMPLE)]}],
         "data.tiling": {"mpp": 1.0, "read_size": 112, "min_tissue": 0.5},
-        "trainer.default_root_dir": str(root),
-        "trainer.enable_progress_bar": False,
         "trainer.max_steps": 3,
-    }
-    done = fit(load_run_config("tiny_cpu.yaml", list(overrides.items())))
+    })
+    done = fit(load_run_config("tiny_cpu.yaml", overrides))
     return root / "checkpoints" / "last.ckpt", done.module.distiller
 
 

@@ -7,39 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
+from _tiny_run import REPO, SAMPLE, set_args, tiny_overrides
 
 from gpfm_train.cli import build_parser, load_run_config, main, resolve_config_path
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "napari_gpfm" / "data" / "CMU-1-Small-Region.svs"
-TILES = REPO / "data" / "extra-he" / "mopadi_examples"
 STEPS = 30
 
 
 def _cli_overrides(root: Path, **changes) -> list[str]:
     """``--set`` arguments shrinking the packaged tiny_cpu.yaml to a few seconds of training."""
-    values = {
-        "model.backbone.kwargs": "{embed_dim: 48, depth: 2, num_heads: 2}",
-        "model.backbone.img_size": 56,
-        "model.distill.n_local": 2,
-        "model.distill.out_dim": 256,
-        "model.distill.head_hidden_dim": 64,
-        "model.distill.head_bottleneck_dim": 32,
-        "data.crops.global_crops_size": 56,
-        "data.crops.local_crops_size": 28,
-        "data.crops.local_crops_number": 2,
-        "data.batch_size": 4,
-        "data.num_workers": 1,
-        "data.sources": f"[{{slides: [{SAMPLE}]}}, {{tile_folder: {TILES}}}]",
-        "trainer.default_root_dir": str(root),
-        "trainer.enable_progress_bar": "false",
-        "trainer.log_every_n_steps": 1,
-    }
-    values.update(changes)
-    args = []
-    for key, value in values.items():
-        args += ["--set", f"{key}={value}"]
-    return args
+    return set_args(tiny_overrides(root, **{"data.num_workers": 1, **changes}))
 
 
 def _one_error_line(capsys) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_run import tiny_overrides
 from lightning.pytorch.callbacks import Callback
 
 from gpfm_train.cli import fit, load_run_config, prepare_fit
@@ -22,33 +23,6 @@ from gpfm_train.module import (
 )
 from gpfm_train.schedules import build_schedules
 from napari_gpfm.errors import ConfigError, WeightsError
-
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "napari_gpfm" / "data" / "CMU-1-Small-Region.svs"
-TILES = REPO / "data" / "extra-he" / "mopadi_examples"
-
-
-def fast_overrides(root: Path, **changes) -> list[tuple[str, object]]:
-    """The packaged tiny_cpu.yaml shrunk further so that a step takes a fraction of a second."""
-    pairs = {
-        "model.backbone.kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2},
-        "model.backbone.img_size": 56,
-        "model.distill.n_local": 2,
-        "model.distill.out_dim": 256,
-        "model.distill.head_hidden_dim": 64,
-        "model.distill.head_bottleneck_dim": 32,
-        "data.crops.global_crops_size": 56,
-        "data.crops.local_crops_size": 28,
-        "data.crops.local_crops_number": 2,
-        "data.batch_size": 4,
-        "data.num_workers": 0,
-        "data.sources": [{"slides": [str(SAMPLE)]}, {"tile_folder": str(TILES)}],
-        "trainer.default_root_dir": str(root),
-        "trainer.enable_progress_bar": False,
-        "trainer.log_every_n_steps": 1,
-    }
-    pairs.update(changes)
-    return list(pairs.items())
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +129,7 @@ class Probe(Callback):
 
 
 def test_one_step_applies_schedules_clips_and_updates_the_teacher(tmp_path, expert_weights):
-    run = load_run_config("tiny_cpu.yaml", fast_overrides(
+    run = load_run_config("tiny_cpu.yaml", tiny_overrides(
         tmp_path, **{"trainer.max_steps": 1, "model.schedule.warmup_epochs": 0,
                      "model.experts": [_expert(expert_weights)]}))
     probe = Probe()
@@ -193,7 +167,7 @@ def test_one_step_applies_schedules_clips_and_updates_the_teacher(tmp_path, expe
 
 def test_each_student_group_is_clipped_separately_and_expert_heads_are_not(
         tmp_path, expert_weights):
-    run = load_run_config("tiny_cpu.yaml", fast_overrides(
+    run = load_run_config("tiny_cpu.yaml", tiny_overrides(
         tmp_path, **{"model.experts": [_expert(expert_weights)]}))
     prepared = prepare_fit(run)
     module, dm = prepared.module, prepared.datamodule
@@ -216,7 +190,7 @@ def test_each_student_group_is_clipped_separately_and_expert_heads_are_not(
 
 
 def test_bf16_autocast_step_on_cpu(tmp_path):
-    run = load_run_config("tiny_cpu.yaml", fast_overrides(
+    run = load_run_config("tiny_cpu.yaml", tiny_overrides(
         tmp_path, **{"trainer.max_steps": 1, "trainer.precision": "bf16-mixed"}))
     done = fit(run)
     assert done.trainer.global_step == 1
@@ -228,7 +202,7 @@ def test_bf16_autocast_step_on_cpu(tmp_path):
 def test_missing_expert_weights_stop_before_training_or_are_skipped(tmp_path, caplog):
     missing = tmp_path / "nowhere" / "uni.bin"
     expert = {"name": "uni", "weights": str(missing), "cls_weight": 1.0, "patch_weight": 0.25}
-    run = load_run_config("tiny_cpu.yaml", fast_overrides(tmp_path, **{"model.experts": [expert]}))
+    run = load_run_config("tiny_cpu.yaml", tiny_overrides(tmp_path, **{"model.experts": [expert]}))
     with pytest.raises(WeightsError) as info:
         GPFMPretrainModule(run.model)
     message = str(info.value)

@@ -11,45 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_run import set_args, tiny_overrides
 from lightning.pytorch.callbacks import Callback
 
 from gpfm_train.cli import fit, load_run_config, main
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "napari_gpfm" / "data" / "CMU-1-Small-Region.svs"
-TILES = REPO / "data" / "extra-he" / "mopadi_examples"
 STEPS, CUT = 6, 3
 
 
 def _overrides(root: Path, **changes) -> list[tuple[str, object]]:
-    pairs = {
-        "model.backbone.kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2},
-        "model.backbone.img_size": 56,
+    return tiny_overrides(root, **{
         "model.backbone.drop_path_rate": 0.1,
-        "model.distill.n_local": 2,
-        "model.distill.out_dim": 256,
-        "model.distill.head_hidden_dim": 64,
-        "model.distill.head_bottleneck_dim": 32,
         # Short schedules, so every schedule changes between steps.
         "model.schedule.epoch_length": 2,
         "model.schedule.epochs": 4,
         "model.schedule.warmup_epochs": 1,
         "model.schedule.warmup_teacher_temp_epochs": 2,
-        "data.crops.global_crops_size": 56,
-        "data.crops.local_crops_size": 28,
-        "data.crops.local_crops_number": 2,
-        "data.batch_size": 4,
-        "data.num_workers": 0,
-        "data.sources": [{"slides": [str(SAMPLE)]}, {"tile_folder": str(TILES)}],
-        "trainer.default_root_dir": str(root),
-        "trainer.enable_progress_bar": False,
-        "trainer.log_every_n_steps": 1,
         "trainer.max_steps": STEPS,
         "trainer.checkpoint_every_n_steps": CUT,
         "trainer.keep_checkpoints": -1,
-    }
-    pairs.update(changes)
-    return list(pairs.items())
+        **changes,
+    })
 
 
 class Record(Callback):
@@ -149,8 +131,7 @@ def test_checkpoint_holds_rng_sampler_and_config_and_loads_without_pickle(runs):
 def test_cli_resume_from_last(runs, capsys):
     root = runs["root"] / "cli"
     args = ["fit", "--config", "tiny_cpu.yaml"]
-    for key, value in _overrides(root, **{"trainer.max_steps": 2}):
-        args += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"]
+    args += set_args(_overrides(root, **{"trainer.max_steps": 2}))
     assert main(args + ["--ckpt-path", "last"]) == 2
     assert "does not exist yet" in capsys.readouterr().err
     assert main(args) == 0
