@@ -516,6 +516,15 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- average
+def run_average(args: argparse.Namespace) -> int:
+    from gpfm_train.average import average_exports
+
+    out = average_exports(args.weights, args.out)
+    print(f"wrote {out} and {out.with_suffix('.json')} (mean of {len(args.weights)} teachers)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- embed
 def run_embed(args: argparse.Namespace) -> int:
     from gpfm_train.cohort import CohortOptions, read_cohort, run_cohort, summary_table
@@ -542,9 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="gpfm-train",
-        description="GPFM pretraining on Lightning: fit, export, manifest, embed.",
+        description="GPFM pretraining on Lightning: fit, export, average, manifest, embed.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{fit,export,manifest,embed}")
+    commands = parser.add_subparsers(dest="command",
+                                     metavar="{fit,export,average,manifest,embed}")
     commands.required = True
 
     fit_p = commands.add_parser(
@@ -581,6 +591,17 @@ def build_parser() -> argparse.ArgumentParser:
     export_p.add_argument("--block-chunks", type=int, default=4,
                           help="FSDP block chunks of the release layout (GPFM: 4)")
     export_p.set_defaults(func=run_export)
+
+    average_p = commands.add_parser(
+        "average",
+        help="average the weights of several exported teachers (stage ends of one network)",
+        description="Write the uniform average of exported teachers of the same network "
+        "(stochastic weight averaging across training stages) as one more export.",
+    )
+    average_p.add_argument("weights", nargs="+", metavar="WEIGHTS",
+                           help="timm-layout exports (.safetensors with their .json)")
+    average_p.add_argument("--out", required=True, help="output .safetensors (+ .json beside)")
+    average_p.set_defaults(func=run_average)
 
     add_manifest_commands(commands)
 

@@ -193,3 +193,26 @@ def default_spec(weights_dir: str | os.PathLike[str] | None = None, stem: str = 
         bundled_dir=weights_path.parent,
         notes=config.notes,
     )
+
+
+def write_random_twin(
+    weights: str | os.PathLike[str], folder: str | os.PathLike[str], seed: int = 0
+) -> Path:
+    """The network described beside ``weights`` with random weights (``seed``): the baseline
+    that tells what training added. Written as ``default-random.safetensors`` + JSON in
+    ``folder``; load it with ``load_encoder("default", weights=<returned path>)``."""
+    import dataclasses
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    weights = Path(weights)
+    config = DefaultModelConfig.read(weights.with_suffix(".json"))
+    torch.manual_seed(seed)
+    model = timm.create_model(config.architecture, **config.model_kwargs, num_classes=0)
+    out = Path(folder) / "default-random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    dataclasses.replace(config, notes=f"random weights (seed {seed}) of {weights.name}'s "
+                        "network").write(out.with_suffix(".json"))
+    return out
