@@ -23,7 +23,8 @@ and ``global_step`` are Lightning's; :meth:`on_save_checkpoint` adds every rank'
 sampler position is the datamodule's state (:mod:`gpfm_train.datamodule`). The schedules are
 functions of ``global_step``.
 
-Experts come from ``napari_gpfm.encoders.load_encoder(encoder, weights=...)`` and are frozen. A
+Experts come from ``napari_gpfm.encoders.load_encoder(encoder, weights=...)`` (or are the
+parameter-free colour histogram, :mod:`gpfm_train.models.colour_expert`) and are frozen. A
 missing weights file stops the run before training with a one-line :class:`WeightsError`
 (``on_missing_expert: error``) or drops that expert with a warning (``skip``).
 
@@ -49,6 +50,7 @@ import torch
 from torch import nn
 
 from gpfm_train.models import DistillConfig, ExpertConfig, GPFMDistiller, build_student_backbone
+from gpfm_train.models.colour_expert import ColourHistogramExpert, is_colour_histogram
 from gpfm_train.optim import apply_schedules, build_optimizer, build_param_groups
 from gpfm_train.schedules import ScheduleConfig, Schedules, build_schedules
 from napari_gpfm.errors import ConfigError, GPFMError, WeightsError
@@ -220,8 +222,9 @@ class ExpertSource:
     """One frozen expert: a ``napari_gpfm`` encoder, its weights and its loss weights.
 
     ``encoder`` is a registry name (``uni``, ``phikon``, ``conch``, ``timm:<arch>``; default:
-    ``name``); ``weights`` a file (``None``: search ``$GPFM_MODELS_DIR``). The rest is the
-    distiller's :class:`~gpfm_train.models.ExpertConfig`.
+    ``name``) or ``baseline:colour-histogram`` (:mod:`gpfm_train.models.colour_expert`: no
+    weights, CLS only); ``weights`` a file (``None``: search ``$GPFM_MODELS_DIR``). The rest is
+    the distiller's :class:`~gpfm_train.models.ExpertConfig`.
     """
 
     name: str
@@ -233,18 +236,40 @@ class ExpertSource:
     input_mean: tuple[float, float, float] | None = None
     input_std: tuple[float, float, float] | None = None
 
+    def __post_init__(self) -> None:
+        if self.is_colour_histogram:
+            where = f"expert {self.name!r} ({self.encoder_name})"
+            if self.weights is not None:
+                raise ConfigError(f"{where}: the colour histogram has no weights; drop weights:")
+            if self.patch_weight is not None:
+                raise ConfigError(
+                    f"{where}: the colour histogram has no patch tokens; drop patch_weight:"
+                )
+            if self.input_mean is not None or self.input_std is not None:
+                raise ConfigError(
+                    f"{where}: the colour histogram reads the crops' RGB values; drop "
+                    "input_mean/input_std"
+                )
+
     @property
     def encoder_name(self) -> str:
         return self.encoder or self.name
 
+    @property
+    def is_colour_histogram(self) -> bool:
+        return is_colour_histogram(self.encoder_name)
+
     def expert_config(self) -> ExpertConfig:
+        mean, std = self.input_mean, self.input_std
+        if self.is_colour_histogram:  # undo the ImageNet normalisation: RGB in [0, 1]
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         return ExpertConfig(
             name=self.name,
             cls_weight=self.cls_weight,
             patch_weight=self.patch_weight,
             input_size=self.input_size,
-            input_mean=self.input_mean,
-            input_std=self.input_std,
+            input_mean=mean,
+            input_std=std,
         )
 
 
@@ -333,6 +358,8 @@ def expert_weights_problem(source: ExpertSource) -> str | None:
     from napari_gpfm.encoders import find_weights, get_spec
     from napari_gpfm.encoders.registry import MODELS_DIR_ENV, models_dir, search_dirs
 
+    if source.is_colour_histogram:
+        return None  # computed from the crops, no weights
     spec = get_spec(source.encoder_name)
     if source.weights is not None:
         path = Path(source.weights).expanduser()
@@ -371,8 +398,11 @@ def load_experts(
             )
         _log.warning("%s: %s; training without this expert (on_missing_expert: skip)", where,
                      problem)
-    experts = {}
+    experts: dict[str, nn.Module] = {}
     for source in kept:
+        if source.is_colour_histogram:
+            experts[source.name] = ColourHistogramExpert()
+            continue
         experts[source.name] = load_encoder(source.encoder_name, weights=source.weights,
                                             device=device)
     return experts, tuple(kept)

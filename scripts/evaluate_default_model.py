@@ -13,6 +13,7 @@ under other partitions of the 16 regions (another fold seed, 4 and 3 folds) and 
 every 56 px instead of 112 (679 tiles, same regions), without the bootstrap.
 
     python scripts/evaluate_default_model.py [--weights W] [--out docs/default-model-eval.md]
+                                             [--csv OUT.csv]  (default: beside --out)
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def main() -> None:
                     default=REPO / "napari_gpfm/encoders/weights/default.safetensors")
     ap.add_argument("--regions", type=Path, default=REPO / "data/labels/cmu1_regions.geojson")
     ap.add_argument("--out", type=Path, default=REPO / "docs/default-model-eval.md")
-    ap.add_argument("--csv", type=Path, default=REPO / "docs/default-model-eval.csv")
+    ap.add_argument("--csv", type=Path, default=None,
+                    help="the table as CSV (default: --out with a .csv suffix)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--folds", type=int, default=5,
                     help="cross-validation folds over the regions (0: one held-out split)")
@@ -88,7 +90,7 @@ def main() -> None:
         for row in report.rows
     ]
     report.write_markdown(args.out)
-    report.write_csv(args.csv)
+    report.write_csv(args.csv or args.out.with_suffix(".csv"))
     with args.out.open("a", encoding="utf-8") as out:
         out.write("\n## Stability: balanced accuracy under other partitions and tilings\n\n"
                   + stability)

@@ -1,0 +1,60 @@
+"""A parameter-free frozen expert: the joint RGB colour histogram of each global crop.
+
+Self-distillation with colour jitter and grayscale teaches the student to ignore stain colour:
+two views of a tile that differ in hue must give the same prototypes. That is what makes an
+encoder robust across labs, but it also throws away colour that separates tissue within one
+slide (keratin and collagen share a texture scale and differ mostly in eosin shade). GPFM's
+answer to "self-distillation misses something" is expert distillation; this expert supplies the
+missing thing at no cost: the student's CLS, through its own expert head, must predict the colour
+distribution of the crop it sees (``1 - cos``, like any CLS expert), while DINO/iBOT keep
+pulling towards colour-robust structure.
+
+The feature is exactly ``napari_gpfm``'s evaluation baseline ``baseline:colour-histogram``
+(:class:`napari_gpfm.evaluation.features.ColourHistogram`): ``bins`` bins per channel over 8-bit
+values, L1-normalised and multiplied by ``bins**3``. The expert expects RGB in ``[0, 1]``;
+:meth:`gpfm_train.module.ExpertSource.expert_config` asks the distiller to undo the ImageNet
+normalisation for it (``input_mean`` 0, ``input_std`` 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from napari_gpfm.errors import ConfigError
+from napari_gpfm.evaluation.features import BASELINE_PREFIX, ColourHistogram
+
+#: Names an expert's ``encoder`` may take for this expert (the evaluation baseline's spellings).
+COLOUR_HISTOGRAM_NAMES = (f"{BASELINE_PREFIX}colour-histogram", f"{BASELINE_PREFIX}color-histogram")
+
+
+def is_colour_histogram(encoder_name: str) -> bool:
+    """Whether an expert's ``encoder`` names the colour-histogram expert."""
+    return str(encoder_name).strip().lower() in COLOUR_HISTOGRAM_NAMES
+
+
+class ColourHistogramExpert(nn.Module):
+    """``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``{"cls": (B, bins**3)}`` colour densities."""
+
+    def __init__(self, bins: int = 8) -> None:
+        super().__init__()
+        self.bins = ColourHistogram(bins).bins  # validates: bins must divide 256
+        self.embed_dim = self.bins**3
+
+    def forward(self, x: torch.Tensor, patch_tokens: bool = False) -> dict[str, torch.Tensor]:
+        if patch_tokens:
+            raise ConfigError(
+                "the colour-histogram expert has no patch tokens; leave its patch_weight unset"
+            )
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected RGB crops (B, 3, H, W), got {tuple(x.shape)}")
+        batch = x.shape[0]
+        # Back to the 8-bit values the baseline bins (rounding undoes the float round trip).
+        values = (x.float().clamp(0.0, 1.0) * 255.0).round().to(torch.int64)
+        q = values // (256 // self.bins)
+        code = (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]
+        offsets = torch.arange(batch, device=x.device, dtype=torch.int64) * self.embed_dim
+        code = code.reshape(batch, -1) + offsets[:, None]
+        counts = torch.bincount(code.reshape(-1), minlength=batch * self.embed_dim)
+        counts = counts.reshape(batch, self.embed_dim).float()
+        return {"cls": counts * (self.embed_dim / counts.sum(dim=1, keepdim=True))}

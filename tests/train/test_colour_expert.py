@@ -1,0 +1,118 @@
+"""The colour-histogram expert: the evaluation baseline's feature, distilled like any CLS expert."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _tiny_run import tiny_overrides
+from lightning.pytorch.callbacks import Callback
+
+from gpfm_train.cli import fit, load_run_config
+from gpfm_train.models.colour_expert import ColourHistogramExpert
+from gpfm_train.module import GPFMPretrainModule, PretrainConfig
+from napari_gpfm.errors import ConfigError, ParameterError
+from napari_gpfm.evaluation.features import ColourHistogram
+
+COLOUR = {"name": "colour", "encoder": "baseline:colour-histogram", "cls_weight": 1.0}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _small_config(**expert_changes) -> PretrainConfig:
+    return PretrainConfig.from_mapping(
+        {
+            "backbone": {
+                "arch": "vit_small_patch14_dinov2",
+                "img_size": 56,
+                "kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2},
+            },
+            "distill": {
+                "n_local": 2,
+                "out_dim": 64,
+                "head_hidden_dim": 32,
+                "head_bottleneck_dim": 16,
+            },
+            "experts": [{**COLOUR, **expert_changes}],
+        }
+    )
+
+
+def _sample_tiles(sample_slide_path) -> np.ndarray:
+    from napari_gpfm.slides import open_slide
+
+    with open_slide(sample_slide_path) as slide:  # background, dermis, epidermis, keratin
+        return np.stack(
+            [
+                slide.read_region_mpp(xy, 56, 1.0)
+                for xy in ((300, 400), (1000, 2600), (1200, 800), (1450, 1000))
+            ]
+        )
+
+
+def test_the_expert_sees_the_crops_as_the_evaluation_baseline_does(sample_slide_path):
+    tiles = _sample_tiles(sample_slide_path)
+    module = GPFMPretrainModule(_small_config())
+    distiller = module.distiller
+    expert = distiller.experts["colour"]
+    assert isinstance(expert, ColourHistogramExpert) and expert.embed_dim == 512
+    assert distiller.student["expert_heads"]["colour"].last_layer.weight.shape[0] == 512
+    assert not any("colour" in k and "expert_heads" not in k for k in module.state_dict())
+    assert module.hparams["experts"][0]["encoder"] == "baseline:colour-histogram"
+
+    # The crops arrive as the augmentation leaves them: scaled to [0, 1], ImageNet-normalised.
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    (ecfg,) = distiller.cfg.experts
+    got = distiller._run_expert(ecfg, x)["cls"].numpy()
+    expected = ColourHistogram(bins=8).embed(tiles)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # The four tissues have different colour distributions (the target is informative).
+    cos = torch.nn.functional.normalize(torch.from_numpy(got), dim=1)
+    assert float((cos @ cos.T).triu(1).max()) < 0.95
+
+
+def test_colour_expert_options_that_cannot_apply_are_refused():
+    for changes, word in (
+        ({"weights": "hist.safetensors"}, "weights"),
+        ({"patch_weight": 0.25}, "patch_weight"),
+        ({"input_mean": [0.5, 0.5, 0.5], "input_std": [0.2, 0.2, 0.2]}, "input_mean"),
+    ):
+        with pytest.raises(ConfigError, match=word) as err:
+            _small_config(**changes)
+        assert "colour" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="patch tokens"):
+        ColourHistogramExpert()(torch.zeros(1, 3, 14, 14), patch_tokens=True)
+    with pytest.raises(ParameterError, match="bins=7"):
+        ColourHistogramExpert(bins=7)
+
+
+class _HeadSnapshot(Callback):
+    def on_train_start(self, trainer, module):
+        head = module.distiller.student["expert_heads"]["colour"]
+        self.before = {k: v.detach().clone() for k, v in head.named_parameters()}
+
+
+def test_a_fit_with_the_colour_expert_trains_its_head_without_weights_files(tmp_path):
+    run = load_run_config(
+        "tiny_cpu.yaml",
+        tiny_overrides(
+            tmp_path,
+            **{
+                "trainer.max_steps": 2,
+                "model.schedule.warmup_epochs": 0,
+                "model.experts": [COLOUR],
+            },
+        ),
+    )
+    snapshot = _HeadSnapshot()
+    done = fit(run, callbacks=[snapshot])
+    logged = done.trainer.logged_metrics
+    loss = float(logged["loss/expert/colour/cls"])
+    assert 0.0 < loss < 2.0  # 1 - cos of non-negative histograms
+    assert "loss/expert/colour/patch" not in logged
+    head = done.module.distiller.student["expert_heads"]["colour"]
+    moved = [k for k, v in head.named_parameters() if not torch.equal(v, snapshot.before[k])]
+    assert moved, "the colour expert's loss must reach the student's head"
