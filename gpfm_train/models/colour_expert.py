@@ -22,15 +22,9 @@ import torch
 from torch import nn
 
 from napari_gpfm.errors import ConfigError
-from napari_gpfm.evaluation.features import BASELINE_PREFIX, ColourHistogram
+from napari_gpfm.evaluation.features import ColourHistogram, is_colour_histogram
 
-#: Names an expert's ``encoder`` may take for this expert (the evaluation baseline's spellings).
-COLOUR_HISTOGRAM_NAMES = (f"{BASELINE_PREFIX}colour-histogram", f"{BASELINE_PREFIX}color-histogram")
-
-
-def is_colour_histogram(encoder_name: str) -> bool:
-    """Whether an expert's ``encoder`` names the colour-histogram expert."""
-    return str(encoder_name).strip().lower() in COLOUR_HISTOGRAM_NAMES
+__all__ = ["ColourHistogramExpert", "is_colour_histogram"]
 
 
 class ColourHistogramExpert(nn.Module):

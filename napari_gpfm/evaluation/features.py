@@ -30,6 +30,8 @@ from napari_gpfm.errors import EncoderNotFoundError, ParameterError, WeightsErro
 BASELINE_PREFIX = "baseline:"
 COLOUR_HISTOGRAM = "baseline:colour-histogram"
 BASELINES = ("colour-histogram",)
+#: How the colour histogram may be spelt after ``baseline:``.
+COLOUR_HISTOGRAM_KINDS = ("colour-histogram", "color-histogram")
 
 
 class FeatureExtractor(Protocol):
@@ -146,9 +148,15 @@ def check_model(text: str) -> None:
     get_spec(name)
 
 
+def is_colour_histogram(name: str) -> bool:
+    """Whether ``name`` is ``baseline:colour-histogram`` (either spelling, any case)."""
+    text = str(name).strip().lower()
+    return (text.startswith(BASELINE_PREFIX)
+            and text[len(BASELINE_PREFIX) :].strip() in COLOUR_HISTOGRAM_KINDS)
+
+
 def _baseline(name: str) -> ColourHistogram:
-    kind = name[len(BASELINE_PREFIX) :].strip().lower()
-    if kind == "colour-histogram" or kind == "color-histogram":
+    if is_colour_histogram(name):
         return ColourHistogram()
     raise EncoderNotFoundError(
         f"no baseline named {name!r}; baselines: "

@@ -116,3 +116,10 @@ def test_a_fit_with_the_colour_expert_trains_its_head_without_weights_files(tmp_
     head = done.module.distiller.student["expert_heads"]["colour"]
     moved = [k for k, v in head.named_parameters() if not torch.equal(v, snapshot.before[k])]
     assert moved, "the colour expert's loss must reach the student's head"
+
+
+def test_either_spelling_names_the_colour_expert():
+    module = GPFMPretrainModule(_small_config(encoder=" Baseline:Color-Histogram "))
+    assert isinstance(module.distiller.experts["colour"], ColourHistogramExpert)
+    with pytest.raises(ConfigError, match="no weights"):
+        _small_config(encoder="baseline:color-histogram", weights="x.safetensors")
