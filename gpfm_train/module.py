@@ -50,10 +50,11 @@ import torch
 from torch import nn
 
 from gpfm_train.models import DistillConfig, ExpertConfig, GPFMDistiller, build_student_backbone
-from gpfm_train.models.colour_expert import ColourHistogramExpert, is_colour_histogram
+from gpfm_train.models.colour_expert import ColourHistogramExpert
 from gpfm_train.optim import apply_schedules, build_optimizer, build_param_groups
 from gpfm_train.schedules import ScheduleConfig, Schedules, build_schedules
 from napari_gpfm.errors import ConfigError, GPFMError, WeightsError
+from napari_gpfm.evaluation.features import is_colour_histogram
 
 _log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from napari_gpfm.errors import ConfigError
-from napari_gpfm.evaluation.features import ColourHistogram, is_colour_histogram
+from napari_gpfm.evaluation.features import ColourHistogram
 
-__all__ = ["ColourHistogramExpert", "is_colour_histogram"]
+__all__ = ["ColourHistogramExpert"]
 
 
 class ColourHistogramExpert(nn.Module):
