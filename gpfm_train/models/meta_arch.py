@@ -69,6 +69,7 @@ from gpfm_train.models.heads import DINOHead, ExpertHead
 from gpfm_train.models.vit import (
     MASK_TOKEN_KEY,
     backbone_forward,
+    interpolate_pos_embed,
     patch_grid,
     set_uniform_drop_path,
     timm_state_dict,
@@ -351,14 +352,32 @@ class GPFMDistiller(nn.Module):
         """Warm-start the student backbone from timm-layout weights and copy it to the teacher.
 
         ``mask_token`` (``(1, D)``) may come separately or as a ``mask_token`` key; when absent the
-        current one is kept.
+        current one is kept. Weights trained at another ``img_size`` have their position
+        embedding resampled to this backbone's grid (DINOv2's rule), so a run can continue at a
+        higher resolution, as DINOv2 does in a short phase at the end of pretraining.
         """
         state = dict(state_dict)
         if mask_token is not None:
             state[MASK_TOKEN_KEY] = mask_token.reshape(1, -1)
         backbone = self.student["backbone"]
         state.setdefault(MASK_TOKEN_KEY, backbone.mask_token.detach().clone())
-        result = backbone.load_state_dict(state, strict=False)
+        pos_embed = state.get("pos_embed")
+        if (isinstance(pos_embed, torch.Tensor) and pos_embed.ndim == 3
+                and pos_embed.shape[-1] == backbone.pos_embed.shape[-1]
+                and pos_embed.shape != backbone.pos_embed.shape):
+            grid = backbone.patch_embed.grid_size
+            try:
+                state["pos_embed"] = interpolate_pos_embed(pos_embed, tuple(grid))
+            except ValueError as exc:
+                raise WeightsError(f"backbone weights: cannot resample pos_embed ({exc})") from None
+        try:
+            result = backbone.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # size mismatches: another width, depth or patch size
+            detail = str(exc).strip().splitlines()[-1].strip()
+            raise WeightsError(
+                f"backbone weights do not fit the student ({detail}); use weights of the same "
+                "architecture"
+            ) from None
         if result.missing_keys or result.unexpected_keys:
             raise WeightsError(
                 f"backbone weights do not fit the student ({len(result.missing_keys)} missing, "

@@ -625,3 +625,31 @@ def test_warm_start_from_exported_weights():
     wrong.pop("norm.weight")
     with pytest.raises(WeightsError, match="missing"):
         target.load_backbone_weights(wrong)
+
+
+def test_warm_start_at_a_higher_resolution_resamples_the_position_embedding():
+    # DINOv2's high-resolution phase: weights trained at 56 px (4x4 tokens) continue at 84 px.
+    source = _depth4_distiller()
+    weights = from_gpfm_release_layout(teacher_release_checkpoint(source))
+    target = GPFMDistiller(
+        build_student_backbone("vit_small_patch14_dinov2", img_size=84, drop_path_rate=0.0,
+                               embed_dim=32, depth=4, num_heads=2),
+        {},
+        source.cfg,
+    )
+    target.load_backbone_weights(weights.backbone, weights.mask_token)
+    expected = interpolate_pos_embed(weights.backbone["pos_embed"], (6, 6))
+    assert expected.shape == (1, 37, 32)
+    for sd in (target.student_backbone_state_dict(), target.teacher_backbone_state_dict()):
+        assert torch.equal(sd["pos_embed"], expected)
+        assert torch.equal(sd["blocks.0.attn.qkv.weight"], weights.backbone["blocks.0.attn.qkv.weight"])
+    # At 84 px the warm-started backbone computes what the 56 px one computes for an 84 px crop.
+    with torch.no_grad():
+        x = torch.randn(2, 3, 84, 84)
+        ours = backbone_forward(target.teacher["backbone"], None, x)["x_norm_clstoken"]
+        theirs = backbone_forward(source.teacher["backbone"], None, x)["x_norm_clstoken"]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    wrong_width = dict(weights.backbone)
+    wrong_width["pos_embed"] = torch.zeros(1, 17, 16)
+    with pytest.raises(WeightsError, match="pos_embed.*same architecture"):
+        target.load_backbone_weights(wrong_width)
