@@ -365,9 +365,9 @@ class GPFMDistiller(nn.Module):
         if (isinstance(pos_embed, torch.Tensor) and pos_embed.ndim == 3
                 and pos_embed.shape[-1] == backbone.pos_embed.shape[-1]
                 and pos_embed.shape != backbone.pos_embed.shape):
-            grid = backbone.patch_embed.grid_size
+            grid = patch_grid(backbone, tuple(backbone.patch_embed.img_size))
             try:
-                state["pos_embed"] = interpolate_pos_embed(pos_embed, tuple(grid))
+                state["pos_embed"] = interpolate_pos_embed(pos_embed, grid)
             except ValueError as exc:
                 raise WeightsError(f"backbone weights: cannot resample pos_embed ({exc})") from None
         try:
