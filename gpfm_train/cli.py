@@ -31,12 +31,20 @@ import inspect
 import os
 import re
 import sys
+import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_gpfm.errors import ConfigError, GPFMError, ParameterError
+from napari_gpfm.errors import (
+    ConfigError,
+    GPFMError,
+    ParameterError,
+    WeightsError,
+    describe_os_error,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STRATEGIES = ("auto", "single_device", "ddp", "ddp_spawn", "fsdp")
@@ -389,6 +397,8 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Any] = ()) -> Any:
         )
     else:
         strategy = opts.strategy
+    from gpfm_train.interrupt import StopOnInterrupt
+
     keep = opts.keep_checkpoints
     checkpoint = _checkpoint_callback(
         dirpath=root / "checkpoints",
@@ -419,7 +429,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Any] = ()) -> Any:
             max_epochs=-1,
             log_every_n_steps=opts.log_every_n_steps,
             default_root_dir=root,
-            callbacks=[checkpoint, *callbacks],
+            callbacks=[checkpoint, StopOnInterrupt(), *callbacks],
             logger=logger,
             enable_progress_bar=opts.enable_progress_bar,
             use_distributed_sampler=False,  # the sampler shards by rank itself
@@ -467,17 +477,41 @@ def prepare_fit(run: RunConfig, callbacks: Sequence[Any] = ()) -> FitRun:
     return FitRun(trainer, module, datamodule)
 
 
+# Two of Lightning's start-up warnings describe this design, not a fault, and only alarm users:
+# the EMA teacher and the frozen experts stay in eval mode on purpose, and with manual
+# optimisation a checkpoint holds the state after its step, which is what resuming expects
+# (tests/train/test_resume.py: a resumed run equals an uninterrupted one).
+_EXPECTED_LIGHTNING_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"Using ModelCheckpoint with manual optimization",
+)
+
+
 def fit(run: RunConfig, ckpt_path: str | None = None, callbacks: Sequence[Any] = ()) -> FitRun:
     """Train ``run`` (resuming from ``ckpt_path``: a ``.ckpt`` or ``"last"``)."""
     prepared = prepare_fit(run, callbacks)
-    if ckpt_path not in (None, "last") and not Path(ckpt_path).expanduser().is_file():
-        raise ConfigError(f"--ckpt-path {ckpt_path}: no such checkpoint file")
-    prepared.trainer.fit(prepared.module, datamodule=prepared.datamodule, ckpt_path=ckpt_path)
+    if ckpt_path not in (None, "last"):
+        path = Path(ckpt_path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"--ckpt-path {ckpt_path}: no such checkpoint file")
+        # torch.save writes a zip archive; anything else (a truncated copy, another file) would
+        # fail deep inside Lightning. A folder is a sharded checkpoint, left to the strategy.
+        if path.is_file() and not zipfile.is_zipfile(path):
+            raise ConfigError(
+                f"--ckpt-path {ckpt_path}: not a readable training checkpoint (truncated, or "
+                "not written by gpfm-train fit); pass a .ckpt from the run's checkpoints folder"
+            )
+    with warnings.catch_warnings():
+        for message in _EXPECTED_LIGHTNING_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        prepared.trainer.fit(prepared.module, datamodule=prepared.datamodule, ckpt_path=ckpt_path)
     return prepared
 
 
 def run_fit(args: argparse.Namespace) -> int:
     import yaml
+
+    from gpfm_train.interrupt import StopOnInterrupt
 
     overrides = parse_overrides(args.overrides) + parse_overrides(args.set or [])
     run = load_run_config(args.config, overrides)
@@ -485,27 +519,52 @@ def run_fit(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(run.to_dict(), sort_keys=False), end="")
         return 0
     ckpt = args.ckpt_path
-    if ckpt == "last":
-        last = Path(run.trainer.default_root_dir).expanduser() / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise ConfigError(f"--ckpt-path last: {last} does not exist yet; start without it")
-    done = fit(run, ckpt)
     ckpt_dir = Path(run.trainer.default_root_dir).expanduser() / "checkpoints"
+    if ckpt == "last" and not (ckpt_dir / "last.ckpt").is_file():
+        raise ConfigError(
+            f"--ckpt-path last: {ckpt_dir / 'last.ckpt'} does not exist yet; start without it"
+        )
+    if ckpt is None and any(ckpt_dir.glob("*.ckpt")):
+        # A fresh run here would write last-v1.ckpt beside the old last.ckpt, and
+        # "--ckpt-path last" would then resume the old run.
+        raise ConfigError(
+            f"{ckpt_dir} holds the checkpoints of an earlier run: resume it with --ckpt-path "
+            "last, or start afresh in another trainer.default_root_dir"
+        )
+    done = fit(run, ckpt)
+    last = done.trainer.checkpoint_callback.last_model_path or ckpt_dir / "last.ckpt"
+    interrupt = next(c for c in done.trainer.callbacks if isinstance(c, StopOnInterrupt))
+    if interrupt.stopped_at is not None:
+        _say(f"interrupted: stopped after step {interrupt.stopped_at}, saved as {last}; resume "
+             "with the same command and --ckpt-path last")
+        return 130
     _say(f"trained to step {done.trainer.global_step}; checkpoints in {ckpt_dir}")
-    _say(f"export the teacher: gpfm-train export {ckpt_dir / 'last.ckpt'}")
+    _say(f"export the teacher: gpfm-train export {last} --out model.safetensors")
     return 0
 
 
 # ---------------------------------------------------------------------------- export
 def run_export(args: argparse.Namespace) -> int:
     from gpfm_train.export import export_teacher
+    from napari_gpfm.analysis._io import check_output_path
     from napari_gpfm.encoders.default_model import default_files
 
+    if not Path(args.checkpoint).expanduser().exists():  # the input first, then the output
+        raise WeightsError(f"checkpoint not found: {args.checkpoint}")
     out = args.out
     if out is None:
         if args.layout != "timm":
             raise ParameterError("--layout gpfm-release needs --out FILE.pth")
         out = default_files()[1]
+        # The bundled default is what gpfm demo, the widgets and existing stores rely on:
+        # building it when absent is the point of this default, replacing it takes a decision.
+        if Path(out).exists() and not args.replace_default:
+            raise ParameterError(
+                f"{out} (napari_gpfm's embedded default model) exists; pass --out "
+                "FILE.safetensors to export elsewhere, or --replace-default to replace it"
+            )
+    Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(Path(out).expanduser(), "the exported weights")
     result = export_teacher(args.checkpoint, out, layout=args.layout, card=args.card,
                             block_chunks=args.block_chunks)
     print(f"wrote {result.weights} ({result.layout} layout)")
@@ -585,7 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     export_p.add_argument("checkpoint", metavar="CKPT", help="a .ckpt written by gpfm-train fit")
     export_p.add_argument("--out", default=None,
                           help="output file (default: napari_gpfm's embedded default model, "
-                          "napari_gpfm/encoders/weights/default.safetensors)")
+                          "napari_gpfm/encoders/weights/default.safetensors, if it is not "
+                          "built yet)")
+    export_p.add_argument("--replace-default", action="store_true",
+                          help="without --out: replace the embedded default model")
     export_p.add_argument("--layout", default="timm", choices=("timm", "gpfm-release"))
     export_p.add_argument("--card", action="store_true", help="also write a model card (.md)")
     export_p.add_argument("--block-chunks", type=int, default=4,
@@ -656,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     except GPFMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the file system refused something the checks let through
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return GPFMError.exit_code
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def read_cohort(
     are refused.
     """
     from gpfm_train.data.manifests import load_slide_manifest, manifest_kind, resolve_slide_path
-    from napari_gpfm.embedding.store import slide_stem
+    from napari_gpfm.embedding.store import shared_store_folder, slide_stem
 
     path = Path(manifest).expanduser()
     kind = manifest_kind(path)
@@ -106,15 +106,13 @@ def read_cohort(
     slides = [
         CohortSlide(resolve_slide_path(r.slide_path, root), r.mpp, int(r.n_tiles)) for r in rows
     ]
-    seen: dict[str, Path] = {}
-    for slide in slides:
-        stem = slide_stem(slide.path)
-        if stem in seen:
-            raise ConfigError(
-                f"{path}: {seen[stem]} and {slide.path} would share the store folder '{stem}'; "
-                "rename one of them or embed them into different --out folders"
-            )
-        seen[stem] = slide.path
+    clash = shared_store_folder(s.path for s in slides)
+    if clash:
+        raise ConfigError(
+            f"{path}: {clash[0]} and {clash[1]} would share the store folder "
+            f"'{slide_stem(clash[0])}'; rename one of them or embed them into different --out "
+            "folders"
+        )
     return slides
 
 

@@ -265,6 +265,14 @@ class GPFMDataModule(pl.LightningDataModule):
             self.sampler.load_state_dict(self._pending_sampler_state)
             self._pending_sampler_state = None
 
+    def teardown(self, stage: str | None = None) -> None:
+        # With num_workers=0 the slides are read, and held open, in this process: close them
+        # when fit ends instead of leaving the handles to the garbage collector.
+        for part in getattr(self.tiles, "datasets", [self.tiles]):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
+
     def train_dataloader(self) -> Any:
         import torch
         from torch.utils.data import DataLoader
@@ -272,6 +280,7 @@ class GPFMDataModule(pl.LightningDataModule):
         from gpfm_train.data.augment import MultiCropAugmentation
         from gpfm_train.data.collate import MultiCropCollator
         from gpfm_train.data.datasets import MultiCropDataset
+        from gpfm_train.interrupt import ignore_interrupts_in_workers
 
         if self.sampler is None:
             self.setup("fit")
@@ -289,6 +298,7 @@ class GPFMDataModule(pl.LightningDataModule):
             drop_last=True,
             persistent_workers=workers > 0,
             prefetch_factor=opts.prefetch_factor if workers > 0 else None,
+            worker_init_fn=ignore_interrupts_in_workers,
             # Its own generator: creating the iterator must not draw from the global RNG,
             # whose state a resumed run restores exactly.
             generator=torch.Generator().manual_seed(opts.seed),

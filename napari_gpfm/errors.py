@@ -41,3 +41,12 @@ class ConfigError(GPFMError):
 
 class IndexError_(GPFMError):
     """A library index is missing, corrupted or stale (named to avoid shadowing IndexError)."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system failure no check foresaw (a full disk, a read-only or
+    virtual folder, a file where a folder should be): what failed, where, what to check."""
+    where = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return (f"{what}: {where}; check that the path exists, is a file or a folder as expected, "
+            "and that you may write there") if where else f"{what}; check the paths given"

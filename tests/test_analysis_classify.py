@@ -122,8 +122,9 @@ def test_unreadable_and_unsafe_probe_files_are_refused(tmp_path):
         metadata=np.array([{"format": "napari-gpfm/linear-probe"}], dtype=object),
         **arrays,
     )
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError) as info:
         LinearProbe.load(tmp_path / "pickled.npz")
+    assert "pickled objects" in str(info.value) and "allow_pickle" not in str(info.value)
 
 
 def test_fit_and_predict_parameter_errors(trained):
@@ -180,3 +181,28 @@ def test_area_table():
     assert rows[0]["colour"] == "#ff0000"
     with pytest.raises(ParameterError):
         area_table(np.array([3]), CLASSES, 0.05)
+
+
+def test_cli_train_and_predict_on_the_sample_name_what_they_leave_out(
+        tmp_path, sample_slide_path, capsys):
+    from pathlib import Path
+
+    from napari_gpfm.cli import main
+
+    regions = Path(__file__).parents[1] / "data" / "labels" / "cmu1_regions.geojson"
+    assert main(["embed", str(sample_slide_path), "--out", str(tmp_path / "emb"),
+                 "--device", "cpu"]) == 0
+    store = str(next((tmp_path / "emb").rglob("*.zarr")))
+    capsys.readouterr()
+    assert main(["classify", "train", store, str(regions), "--out",
+                 str(tmp_path / "p.npz")]) == 0
+    out = capsys.readouterr().out
+    # The store holds tissue tiles only, so the background regions teach nothing: say so.
+    assert "3-class probe" in out and "left out background" in out
+    # A map name it cannot write is refused before anything is written, under its own flag.
+    assert main(["classify", "predict", store, "--probe", str(tmp_path / "p.npz"), "--out",
+                 str(tmp_path / "pred.geojson"), "--map", str(tmp_path / "map.jpg")]) == 2
+    assert "--map " in capsys.readouterr().err and not (tmp_path / "pred.geojson").exists()
+    assert main(["classify", "predict", store, "--probe", str(tmp_path / "p.npz"), "--out",
+                 str(tmp_path / "pred.geojson"), "--map", str(tmp_path / "map.png")]) == 0
+    assert (tmp_path / "pred.geojson").stat().st_size > 0 and (tmp_path / "map.png").is_file()

@@ -212,7 +212,7 @@ def test_search_similar_on_a_two_texture_grid():
     rows = result.rows()
     assert rows[0]["rank"] == 1 and rows[0]["tile"] == int(result.indices[0])
 
-    with pytest.raises(ParameterError, match="no tissue tiles"):
+    with pytest.raises(ParameterError, match="no embedded tile"):
         search_similar(normalize(feats), coords, TILE, (5000, 5000, 10, 10))
     with pytest.raises(ParameterError, match="same embedding store"):
         search_similar(normalize(feats), coords[:-1], TILE, (0, 0, 200, 200))

@@ -183,9 +183,56 @@ def test_store_made_with_other_weights_is_refused(tmp_path, sample_slide_path, w
     assert _embed(*base, "--weights", other_weights) == 2
     line = _error_line(capsys)
     assert "weights file" in line and "--overwrite" in line
+    # A float32 request would be cast into the float16 store without a word.
+    assert _embed(*base, "--weights", weights, "--dtype", "float32") == 2
+    assert "stores float16 features, --dtype float32" in _error_line(capsys)
     assert _embed(*base, "--weights", other_weights, "--overwrite") == 0
     store = EmbeddingStore.open(_only_store(out))
     assert store.n_done == 2 and store.attrs["encoder"]["weights_path"] == str(other_weights)
+
+
+def test_slides_of_the_same_name_never_share_a_store(tmp_path, sample_slide_path, weights,
+                                                     capsys):
+    # One folder per patient, every slide called slide.svs: a common layout.
+    first, second = tmp_path / "p1" / "slide.svs", tmp_path / "p2" / "slide.svs"
+    for path in (first, second):
+        path.parent.mkdir()
+    shutil.copy(sample_slide_path, first)
+    shutil.copy(REPO + "/data/extra-he/openslide_os1_crop/OS-1-detail.ome.tif", second)
+    out = tmp_path / "out"
+    base = ["--model", f"timm:{ARCH}", "--weights", weights, "--out", out, *FAST]
+    assert _embed(first.parent, second.parent, *base) == 2
+    line = _error_line(capsys)
+    assert str(first) in line and str(second) in line and "different --out" in line
+    assert not out.exists()
+
+    # Embedded one after the other, the second must not pass for the first one's store, and the
+    # message must not send the user to --overwrite alone.
+    assert _embed(first, *base, "--limit", "2") == 0
+    capsys.readouterr()
+    assert _embed(second, *base) == 2
+    line = _error_line(capsys)
+    assert f"embeddings of {first.resolve()}" in line and "another --out folder" in line
+    assert EmbeddingStore.open(_only_store(out)).attrs["slide_name"] == "slide.svs"
+
+
+def test_outputs_that_cannot_be_written_are_one_line(tmp_path, sample_slide_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder\n")
+    # A file where the output folder should be: caught as the file system refuses it.
+    assert _embed(sample_slide_path, "--out", a_file, *FAST) == 2
+    line = _error_line(capsys)
+    assert str(a_file) in line and "Not a directory" in line
+    if not os.path.isdir("/proc/self"):
+        return
+    # A virtual folder passes every existence check and refuses files: caught before the work.
+    assert main(["tiles", str(sample_slide_path), "--out", "/proc/grid.csv"]) == 2
+    assert "cannot write the tile grid to /proc/grid.csv" in _error_line(capsys)
+    folder = tmp_path / "grid"
+    folder.mkdir()
+    assert main(["tiles", str(sample_slide_path), "--out", str(folder)]) == 2
+    assert "it is a folder" in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid", "notes.txt"]
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path, sample_slide_path, weights, capsys):

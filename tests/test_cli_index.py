@@ -90,7 +90,13 @@ def test_build_info_search_remove_add(tmp_path, capsys, stores_dir):
     code, out, _ = gpfm(capsys, "index", "search", lib, "--store", store, "--roi", "64,96",
                         "--top-k", 4)
     lines = out.splitlines()
-    assert code == 0 and lines[0].split()[:3] == ["rank", "slide", "score"] and len(lines) == 5
+    assert code == 0 and lines[0].split() == ["rank", "score", "x", "y", "w", "slide"]
+    assert len(lines) == 5 and len(lines[1].split()) == 6
+    code, out, _ = gpfm(capsys, "index", "search", lib, "--store", store, "--roi", "64,96",
+                        "--top-k", 2, "--per-slide", 2)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["rank", "slide#", "score"]
+    assert [line.split()[1] for line in lines[1:]] == ["1", "1", "2", "2"]
 
     code, out, _ = gpfm(capsys, "index", "remove", lib, "slide0.tif", "--quiet")
     assert code == 0 and "removed" in out and "2 slides, 512 tiles left" in out

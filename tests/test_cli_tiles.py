@@ -104,6 +104,10 @@ def test_target_finer_than_scan_and_bad_values_exit_2(sample_slide_path, tmp_pat
     assert "--mpp 0.25" in capsys.readouterr().err
     assert main(["tiles", str(sample_slide_path), "--out", out, "--min-tissue", "2"]) == 2
     assert "--min-tissue" in capsys.readouterr().err
+    assert main(["tiles", str(sample_slide_path), "--out", out, "--size", "0"]) == 2
+    assert "--size 0" in capsys.readouterr().err
+    assert main(["tiles", str(sample_slide_path), "--out", out, "--read-size", "5000"]) == 2
+    assert "larger than CMU-1-Small-Region.svs" in capsys.readouterr().err
     assert main(["tiles", str(tmp_path / "missing.svs"), "--out", out]) == 2
     assert "not found" in capsys.readouterr().err
 

@@ -28,3 +28,20 @@ def test_demo_writes_maps_and_report_with_the_embedded_model(tmp_path):
     # a second run reuses the store: nothing is embedded again
     assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
     assert "| embedded this run | 0 tiles" in (out / "report.md").read_text()
+
+
+def test_demo_on_another_slide_queries_its_tissue_and_fits_k_to_its_tiles(tmp_path, capsys):
+    from pathlib import Path
+
+    crop = (Path(__file__).parents[1] / "data" / "extra-he" / "openslide_os1_crop"
+            / "OS-1-detail.ome.tif")
+    out = tmp_path / "demo"
+    # 4 tissue tiles: the sample's default query box and k=5 would not fit this slide.
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--slide", str(crop)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| tissue tiles | 4 |" in report and "(k = 4)" in report
+    similar = json.loads((out / "similar_tiles.json").read_text())
+    assert len(similar) == 3  # every tile but the query
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--k", "1"]) == 2
+    assert "--k 1" in capsys.readouterr().err

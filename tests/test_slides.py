@@ -277,6 +277,34 @@ def test_given_mpp_overrides_the_metadata():
         assert slide.info()["mpp_x"] == 0.25
 
 
+@pytest.mark.parametrize(("size", "unit", "expected"),
+                         [(0.499, None, 0.499), (499.0, "nm", 0.499), (0.000499, "mm", 0.499)])
+def test_pixel_size_recorded_only_in_the_ome_xml_is_read(tmp_path, size, unit, expected):
+    with open_slide(SAMPLE) as sample:
+        rgb = np.asarray(sample.read_region((0, 0), 0, (512, 512)))[..., :3]
+    meta = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeY": size}
+    if unit:
+        meta |= {"PhysicalSizeXUnit": unit, "PhysicalSizeYUnit": unit}
+    path = tmp_path / "xml_only.ome.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb", tile=(256, 256), metadata=meta, ome=True)
+    with tifffile.TiffFile(path) as tif:  # no resolution tags: only the XML knows
+        assert tif.pages[0].tags["ResolutionUnit"].value == 1  # none: the tags say nothing
+    with open_slide(path) as slide:
+        assert slide.mpp == pytest.approx(expected) and slide.mpp_source == "metadata"
+
+
+def test_default_mpp_only_fills_in_a_missing_pixel_size():
+    from slide_factory import TCGA_NO_MPP
+
+    # A folder of mixed slides gets one --slide-mpp: it must not rescale those that record one.
+    with open_slide(SAMPLE, default_mpp=0.25) as slide:
+        assert slide.mpp == pytest.approx(0.499, abs=1e-3) and slide.mpp_source == "metadata"
+    with open_slide(TCGA_NO_MPP, default_mpp=1.0) as slide:
+        assert slide.mpp == 1.0 and slide.mpp_source == "user"
+    with pytest.raises(ParameterError, match="default_mpp=-1"):
+        open_slide(TCGA_NO_MPP, default_mpp=-1)
+
+
 # ---------------------------------------------------------------------- written pyramids
 @pytest.mark.parametrize("kind", ["pyramid", "ome_pyramid"])
 def test_tiled_pyramid_levels_and_pixels(files, kind):

@@ -265,8 +265,13 @@ class SlideTileDataset:
         state["_slides"] = OrderedDict()  # handles never travel to workers
         return state
 
+    @property
+    def open_slides(self) -> int:
+        """How many slides this process holds open (at most ``max_open_slides``)."""
+        return len(self._slides)
+
     def close(self) -> None:
-        """Close this process's open slides."""
+        """Close this process's open slides; the next read opens its slide again."""
         while self._slides:
             _, slide = self._slides.popitem()
             slide.close()

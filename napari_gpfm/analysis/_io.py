@@ -35,7 +35,25 @@ def check_output_path(path: str | os.PathLike, what: str) -> Path:
         )
     if out.is_dir():
         raise ParameterError(f"cannot write {what} to {out}: it is a folder; give a file name")
+    # Try it now, not after the work: a read-only or virtual folder (/proc) accepts the checks
+    # above and refuses the file.
+    _temporary_file(out, what).unlink()
     return out
+
+
+def _temporary_file(out: Path, what: str) -> Path:
+    """A new empty file beside ``out`` with the permissions of a normal file."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise ParameterError(
+            f"cannot write {what} to {out}: {exc.strerror or exc}; choose a folder you can write to"
+        ) from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    # mkstemp makes the file private (0600); give the result the permissions of a normal file.
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return tmp
 
 
 @contextlib.contextmanager
@@ -46,11 +64,7 @@ def atomic_output(path: str | os.PathLike, what: str = "file") -> Iterator[Path]
     the same file system (atomic on POSIX and Windows).
     """
     out = check_output_path(path, what)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp makes the file private (0600); give the result the permissions of a normal file.
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    tmp = _temporary_file(out, what)
     try:
         yield tmp
         os.replace(tmp, out)

@@ -315,7 +315,9 @@ class LinearProbe:
                 arrays = {k: npz[k] for k in _ARRAY_KEYS}
             meta = json.loads(str(arrays["metadata"]))
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise StoreError(f"{src} is not a readable napari-gpfm probe .npz ({exc})") from None
+            # numpy's own text may advise loading pickles; a probe never holds one.
+            reason = "it holds pickled objects" if "pickle" in str(exc) else str(exc)
+            raise StoreError(f"{src} is not a readable napari-gpfm probe .npz ({reason})") from None
         if not isinstance(meta, dict) or meta.get("format") != PROBE_FORMAT:
             raise StoreError(f"{src} is not a napari-gpfm probe (format marker missing)")
         if meta.get("version") != PROBE_VERSION:

@@ -26,7 +26,10 @@ __all__ = [
     "top_k",
 ]
 
-EMPTY_ROI_MESSAGE = "the ROI contains no tissue tiles; draw it over tissue or lower --min-tissue"
+EMPTY_ROI_MESSAGE = (
+    "the ROI contains no embedded tile; draw it over tissue (tiles under the minimum tissue "
+    "fraction of the embedding were left out)"
+)
 
 
 def _as_features(features: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from napari_gpfm import __version__
-from napari_gpfm.errors import GPFMError
+from napari_gpfm.errors import GPFMError, describe_os_error
 
 # Order is the order of `gpfm --help`.
 SUBCOMMANDS = (
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `gpfm ... | head`: the reader left; nothing more to say
         sys.stderr.close()
         return 0
+    except OSError as exc:  # the file system refused something the checks let through
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return GPFMError.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; run the same command again to resume",
               file=sys.stderr)

@@ -47,11 +47,25 @@ def slide_thumbnail(store, max_size: int = 1600):
         return slide.thumbnail(max_size)
 
 
-def write_view(view, out: str | Path, thumbnail=None, cmap: str = "viridis") -> Path:
+MAP_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def check_map_path(path: str | Path, flag: str = "--out") -> Path:
+    """A map's output path, refused before any work unless it ends in .png or .tif."""
+    from napari_gpfm.analysis._io import check_output_path
+
+    out = Path(path)
+    if out.suffix.lower() not in MAP_SUFFIXES:
+        raise ParameterError(f"{flag} {out}: use a .png (picture) or .tif (raw values) file name")
+    return check_output_path(out, "the map")
+
+
+def write_view(view, out: str | Path, thumbnail=None, cmap: str = "viridis",
+               flag: str = "--out") -> Path:
     """A StoreView as PNG (over the thumbnail) or as a float/label TIFF, by file suffix."""
     from napari_gpfm.analysis.rasters import write_map_png, write_map_tiff
 
-    out = Path(out)
+    out = check_map_path(out, flag)
     suffix = out.suffix.lower()
     if suffix == ".png":
         kwargs = {}
@@ -65,4 +79,4 @@ def write_view(view, out: str | Path, thumbnail=None, cmap: str = "viridis") -> 
         if view.class_names:
             extra["class_names"] = view.class_names
         return write_map_tiff(out, view.raster, mpp=view.provenance.get("slide_mpp"), extra=extra)
-    raise ParameterError(f"--out {out}: use a .png (picture) or .tif (raw values) file name")
+    raise AssertionError(suffix)  # check_map_path admits only the suffixes above

@@ -35,7 +35,7 @@ def _training_tiles(pairs: list[str]):
 
     if len(pairs) % 2:
         raise ParameterError("give STORE GEOJSON pairs: each store followed by its regions file")
-    feats, labels, identity = [], [], None
+    feats, labels, identity, annotated = [], [], None, set()
     for store_path, geojson_path in zip(pairs[::2], pairs[1::2], strict=True):
         store = open_store(store_path)
         ident = (store.attrs["encoder_id"], store.attrs["weights_sha256"], store.attrs["tiling_id"])
@@ -46,6 +46,7 @@ def _training_tiles(pairs: list[str]):
             )
         identity = ident
         rois = [(a.to_roi(), a.class_name) for a in read_geojson(geojson_path) if a.class_name]
+        annotated.update(name for _, name in rois)
         if not rois:
             raise ParameterError(
                 f"{geojson_path} has no annotation with a class name; classify the regions "
@@ -59,19 +60,23 @@ def _training_tiles(pairs: list[str]):
             )
         feats.append(store.features[idx])
         labels.extend(str(v) for v in lab)
-    return np.concatenate(feats), labels, identity
+    return np.concatenate(feats), labels, identity, annotated
 
 
 def run_train(args) -> int:
     from napari_gpfm.analysis.classify import LinearProbe
 
-    features, labels, (encoder_id, _, tiling_id) = _training_tiles(args.pairs)
+    features, labels, (encoder_id, _, tiling_id), annotated = _training_tiles(args.pairs)
     names = sorted(set(labels))
     probe = LinearProbe(class_names=names, encoder_id=encoder_id, tiling_id=tiling_id)
     probe.fit(features, labels, seed=args.seed)
     out = probe.save(args.out)
     counts = ", ".join(f"{k}: {v}" for k, v in probe.train_counts.items())
     print(f"trained a {len(names)}-class probe on {len(labels)} tiles ({counts})")
+    left_out = sorted(annotated - set(names))
+    if left_out:
+        print(f"left out {', '.join(left_out)}: no embedded tile lies in those regions (the "
+              "store holds tissue tiles only; background is not embedded)")
     cv = probe.cv
     if cv is not None and cv.accuracy is not None:
         print(f"cross-validated accuracy {cv.accuracy:.3f}, balanced {cv.balanced_accuracy:.3f} "
@@ -86,8 +91,10 @@ def run_predict(args) -> int:
     from napari_gpfm.analysis import views
     from napari_gpfm.analysis.classify import LinearProbe
     from napari_gpfm.analysis.geojson import tiles_to_geojson, write_geojson
-    from napari_gpfm.cli._common import open_store, slide_thumbnail, write_view
+    from napari_gpfm.cli._common import check_map_path, open_store, slide_thumbnail, write_view
 
+    if args.map:
+        check_map_path(args.map, "--map")  # before the GeoJSON is written, not after
     store = open_store(args.store)
     probe = LinearProbe.load(args.probe, expected_encoder_id=store.attrs["encoder_id"],
                              expected_tiling_id=store.attrs["tiling_id"])
@@ -103,6 +110,6 @@ def run_predict(args) -> int:
         print("  " + json.dumps(row, default=str))
     if args.map:
         thumb = slide_thumbnail(store) if args.map.lower().endswith(".png") else None
-        write_view(view, args.map, thumbnail=thumb)
+        write_view(view, args.map, thumbnail=thumb, flag="--map")
         print(f"class map -> {args.map}")
     return 0

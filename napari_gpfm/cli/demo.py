@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from napari_gpfm.errors import ParameterError
+
 # A box on the epidermis of CMU-1-Small-Region (level-0 px): the dark purple band of
 # stratified squamous epithelium in the upper middle of the slide.
 EPIDERMIS_ROI = (1130, 700, 224, 224)
@@ -26,11 +28,16 @@ def register(sub) -> None:
     p.add_argument("--model", default="default", help="encoder (default: the embedded model)")
     p.add_argument("--weights", default=None, help="weights file for --model")
     p.add_argument("--slide", default=None, help="another slide instead of the bundled sample")
+    p.add_argument("--slide-mpp", type=float, default=None,
+                   help="level-0 microns per pixel of --slide, if its file does not record it")
     p.add_argument("--roi", default=None,
                    help="similarity query 'x,y,w,h' in level-0 px (default: on the epidermis "
-                   "of the sample)")
+                   "of the sample; with --slide: the tissue tile nearest the tissue's centre)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--k", type=int, default=5, help="clusters in the cluster map")
+    p.add_argument("--k", type=int, default=5,
+                   help="clusters in the cluster map (at most the number of tiles)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo's embeddings made with other weights")
     p.set_defaults(func=run)
 
 
@@ -45,21 +52,36 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _central_tile(grid) -> tuple[int, int, int, int]:
+    """The tissue tile nearest the centre of all tissue tiles, as a level-0 'x,y,w,h' box."""
+    import numpy as np
+
+    xy = np.asarray(grid.coords, dtype=np.float64)
+    x, y = grid.coords[int(np.argmin(((xy - xy.mean(axis=0)) ** 2).sum(axis=1)))]
+    size = int(round(grid.tile_size_l0))
+    return int(x), int(y), size, size
+
+
 def run(args) -> int:
     from napari_gpfm.analysis import views
     from napari_gpfm.cli._common import parse_roi, write_view
     from napari_gpfm.data.sample import sample_slide_path
-    from napari_gpfm.embedding.engine import embed_slide, prepare_store
+    from napari_gpfm.embedding.engine import embed_slide, prepare_store, resolve_device
     from napari_gpfm.embedding.store import default_store_path
     from napari_gpfm.encoders import load_encoder
     from napari_gpfm.slides import open_slide
     from napari_gpfm.tiling import TilingSpec, detect_tissue, make_grid, render_preview
 
+    # Every parameter is checked before the slow steps.
+    if args.k < 2:
+        raise ParameterError(f"--k {args.k}: the cluster map needs at least 2 clusters")
+    device = resolve_device(args.device)
+    slide_path = Path(args.slide) if args.slide else sample_slide_path()
+    # The default query sits on the sample's epidermis; on another slide it would miss tissue.
+    roi_text = args.roi or (None if args.slide else ",".join(str(v) for v in EPIDERMIS_ROI))
+    roi = parse_roi(roi_text) if roi_text else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slide_path = Path(args.slide) if args.slide else sample_slide_path()
-    roi_text = args.roi or ",".join(str(v) for v in EPIDERMIS_ROI)
-    roi = parse_roi(roi_text)
     t0 = time.perf_counter()
 
     print("[1/5] loading the encoder", flush=True)
@@ -67,24 +89,34 @@ def run(args) -> int:
     spec = TilingSpec(mpp=encoder.spec.native_mpp, read_size=encoder.spec.native_read_size,
                       model_size=encoder.spec.input_size)
 
-    with open_slide(slide_path) as slide:
+    with open_slide(slide_path, default_mpp=args.slide_mpp) as slide:
         print(f"[2/5] finding tissue and tiling {slide.name} at {spec.mpp} um/px", flush=True)
         tissue = detect_tissue(slide, spec.tissue)
         grid = make_grid(slide, spec, tissue_mask=tissue)
+        if len(grid) < 2:
+            raise ParameterError(
+                f"{slide.path} has {len(grid)} tissue tile(s) of {spec.field_of_view_um:.0f} um; "
+                "the demo's maps need at least 2: try a larger slide"
+            )
+        if roi is None:
+            roi = _central_tile(grid)
+            roi_text = ",".join(str(v) for v in roi)
         render_preview(slide, grid, tissue, out / "tiles_preview.png")
         grid.to_csv(out / "tiles.csv")
 
         print(f"[3/5] embedding {len(grid.coords)} tiles with {encoder.encoder_id}", flush=True)
         store_path = default_store_path(out / "embeddings", slide, args.model, spec)
-        store = prepare_store(store_path, slide=slide, grid=grid, encoder=encoder, spec=spec)
-        result = embed_slide(slide, grid, encoder, store, device=args.device)
+        store = prepare_store(store_path, slide=slide, grid=grid, encoder=encoder, spec=spec,
+                              overwrite=args.overwrite)
+        result = embed_slide(slide, grid, encoder, store, device=device)
         thumb = slide.thumbnail(1600)
         info = slide.info()
 
     print("[4/5] maps: PCA colours, clusters, similarity to the query region", flush=True)
     pca = views.pca_view(store)
     write_view(pca, out / "pca_map.png", thumbnail=thumb)
-    clusters = views.cluster_view(store, args.k)
+    k = min(args.k, len(grid))
+    clusters = views.cluster_view(store, k)
     write_view(clusters, out / "cluster_map.png", thumbnail=thumb)
     similar = views.similarity_view(store, roi, k=10)
     write_view(similar, out / "similarity_map.png", thumbnail=thumb)
@@ -117,7 +149,7 @@ resized to {spec.model_size} px; minimum tissue fraction {spec.min_tissue}; tili
 - `tiles.csv`: tile coordinates (level-0 px) with the tiling recorded in the header.
 - `pca_map.png`: the first three principal components of the embeddings as RGB: tiles that
   look alike to the model share a colour.
-- `cluster_map.png`: k-means clusters (k = {args.k}) of the embeddings.
+- `cluster_map.png`: k-means clusters (k = {k}) of the embeddings.
 - `similarity_map.png` / `.tif`: cosine similarity of every tile to the query region
   `{roi_text}` (level-0 x, y, w, h); bright = similar.
 - `similar_tiles.json`: the 10 tiles most similar to the query (query tiles excluded).

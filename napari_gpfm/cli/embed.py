@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from napari_gpfm.errors import GPFMError, ParameterError, SlideError
+from napari_gpfm.errors import GPFMError, ParameterError, SlideError, StoreError
 
 DEFAULT_OUT = "embeddings"
 
@@ -65,8 +65,8 @@ def register(sub) -> None:
                    help="also store every tile's patch tokens (large: ~0.5 MB a tile for ViT-L)")
     p.add_argument("--pooling", default="cls", choices=("cls", "mean", "cls+mean"),
                    help="tile embedding: the encoder's CLS output, the mean patch token, or both")
-    p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
-                   help="stored feature precision (default float16)")
+    p.add_argument("--dtype", default=None, choices=("float16", "float32"),
+                   help="stored feature precision of new stores (default float16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--h5", action="store_true",
                    help="also export each finished store as a TRIDENT/CLAM-style .h5 file")
@@ -89,7 +89,8 @@ def expand_slides(items: list[str]) -> list[Path]:
             )
             if not found:
                 raise ParameterError(
-                    f"folder {path} holds no slide files ({', '.join(SLIDE_SUFFIXES)})"
+                    f"folder {path} holds no slide files ({', '.join(SLIDE_SUFFIXES)}); "
+                    f"subfolders are not searched: name them (e.g. {path}/*/)"
                 )
             out.extend(found)
         else:
@@ -172,7 +173,7 @@ def _embed_one(path: Path, args, encoder, spec_kwargs: dict) -> SlideOutcome:
     from napari_gpfm.tiling import TilingSpec, make_grid
 
     try:
-        slide = open_slide(path, mpp=args.slide_mpp)
+        slide = open_slide(path, default_mpp=args.slide_mpp)
     except OSError as exc:  # permissions, a vanished network share...
         raise SlideError(f"cannot read {path}: {exc.strerror or exc}") from None
     with slide:
@@ -184,6 +185,12 @@ def _embed_one(path: Path, args, encoder, spec_kwargs: dict) -> SlideOutcome:
                 pooling=args.pooling,
             )
             existing = EmbeddingStore.open(store_path, expected)
+            stored = existing.attrs.get("dtype")
+            if args.dtype and stored != args.dtype:  # resuming would cast silently
+                raise StoreError(
+                    f"{store_path} stores {stored} features, --dtype {args.dtype} was asked; "
+                    "use --overwrite to recompute it, or drop --dtype to keep it"
+                )
             if existing.is_complete and (existing.has_patch_tokens or not args.patch_tokens):
                 print(f"{path.name}: already complete: {store_path}")
                 _export_if_asked(args, existing, export_h5)
@@ -192,7 +199,7 @@ def _embed_one(path: Path, args, encoder, spec_kwargs: dict) -> SlideOutcome:
         grid = make_grid(slide, spec)
         store = prepare_store(
             store_path, slide=slide, grid=grid, encoder=encoder, spec=spec,
-            pooling=args.pooling, dtype=args.dtype, patch_tokens=args.patch_tokens,
+            pooling=args.pooling, dtype=args.dtype or "float16", patch_tokens=args.patch_tokens,
             overwrite=args.overwrite,
         )
         pending = store.n_tiles - store.n_done
@@ -211,8 +218,10 @@ def _embed_one(path: Path, args, encoder, spec_kwargs: dict) -> SlideOutcome:
             if bar is not None:
                 bar.close()
     if result.total == 0:
-        print(f"{path.name}: no tile has enough tissue (--min-tissue {args.min_tissue}); "
-              f"empty store {result.store_path}")
+        why = (f"no tile has enough tissue (--min-tissue {args.min_tissue})" if grid.candidates
+               else f"one tile ({grid.tile_size_l0:.0f} level-0 px) is larger than the slide; "
+               "use a smaller --read-size or a coarser --mpp")
+        print(f"{path.name}: {why}; empty store {result.store_path}")
         return SlideOutcome(path, "done", 0, 0, result.seconds, "no tissue tiles")
     resumed = f", {result.skipped} resumed" if result.skipped else ""
     rate = f"{result.tiles_per_s:.1f} tiles/s" if result.computed else "nothing to compute"
@@ -254,10 +263,17 @@ def _print_summary(outcomes: list[SlideOutcome]) -> None:
 
 def run(args) -> int:
     from napari_gpfm.embedding.engine import resolve_device
+    from napari_gpfm.embedding.store import shared_store_folder
     from napari_gpfm.encoders import load_encoder
 
     _check_args(args)
     slides = expand_slides(args.slides)
+    clash = shared_store_folder(slides)
+    if clash:
+        raise ParameterError(
+            f"{clash[0]} and {clash[1]} have the same file name, so their stores would share one "
+            "folder; embed them into different --out folders"
+        )
     device = resolve_device(args.device)
     encoder = load_encoder(args.model, weights=args.weights, device=device,
                            models_dir=args.models_dir)

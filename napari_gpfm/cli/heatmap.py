@@ -24,9 +24,19 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from napari_gpfm.analysis import views
-    from napari_gpfm.cli._common import open_store, parse_roi, slide_thumbnail, write_view
+    from napari_gpfm.analysis._io import check_output_path
+    from napari_gpfm.cli._common import (
+        check_map_path,
+        open_store,
+        parse_roi,
+        slide_thumbnail,
+        write_view,
+    )
     from napari_gpfm.errors import ParameterError
 
+    check_map_path(args.out)  # outputs first: a bad path must not cost the computation
+    if args.table:
+        check_output_path(args.table, "the table")
     store = open_store(args.store)
     if args.kind == "pca":
         view = views.pca_view(store)

@@ -239,9 +239,12 @@ def run_search(args) -> int:
     if not rows:
         print("no hits")
         return 0
-    print(f"{'rank':>4} {'slide':>5} {'score':>7}  {'x':>9} {'y':>9} {'w':>6}  slide")
+    # The slide's own rank among the slides exists with --per-slide only: no empty column.
+    per_slide = any(r["slide_rank"] is not None for r in rows)
+    within = f" {'slide#':>8}" if per_slide else ""
+    print(f"{'rank':>4}{within} {'score':>7}  {'x':>9} {'y':>9} {'w':>6}  slide")
     for r in rows:
-        slide_rank = r["slide_rank"] if r["slide_rank"] is not None else ""
-        print(f"{r['rank']:>4} {slide_rank:>5} {r['score']:7.4f}  {r['x']:9.0f} {r['y']:9.0f} "
+        within = f" {r['slide_rank']:>8}" if per_slide else ""
+        print(f"{r['rank']:>4}{within} {r['score']:7.4f}  {r['x']:9.0f} {r['y']:9.0f} "
               f"{r['w']:6.0f}  {r['slide_name']}")
     return 0

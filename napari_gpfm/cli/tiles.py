@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -36,11 +37,20 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from napari_gpfm.errors import SlideError
+    from napari_gpfm.analysis._io import check_output_path
+    from napari_gpfm.errors import ParameterError, SlideError
     from napari_gpfm.slides import open_slide
     from napari_gpfm.tiling.grid import TilingSpec, make_grid
     from napari_gpfm.tiling.tissue import detect_tissue
 
+    for flag, value in (("--size", args.size), ("--read-size", args.read_size)):
+        if value is not None and value < 1:  # named here: TilingSpec knows no CLI flags
+            raise ParameterError(f"{flag} {value}: a tile side must be at least 1 px")
+    # Refuse an output that cannot be written before the work, not after it.
+    for path, what in ((args.out, "the tile grid"), (args.preview, "the preview")):
+        if path:
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            check_output_path(Path(path).expanduser(), what)
     spec = TilingSpec(
         mpp=args.mpp,
         read_size=args.read_size if args.read_size is not None else args.size,
@@ -48,7 +58,7 @@ def run(args) -> int:
         stride=args.stride,
         min_tissue=args.min_tissue,
     )
-    with open_slide(args.slide, mpp=args.slide_mpp) as slide:
+    with open_slide(args.slide, default_mpp=args.slide_mpp) as slide:
         if not slide.has_mpp:
             raise SlideError(
                 f"{slide.path} has no pixel size (microns per pixel) in its metadata; pass the "
@@ -56,6 +66,12 @@ def run(args) -> int:
             )
         mask = detect_tissue(slide, spec.tissue)
         grid = make_grid(slide, spec, tissue_mask=mask)
+        if not grid.candidates:
+            raise ParameterError(
+                f"a tile of {spec.field_of_view_um:.0f} um ({grid.tile_size_l0:.0f} level-0 px) "
+                f"is larger than {slide.name} ({slide.dimensions[0]} x {slide.dimensions[1]} px); "
+                "use a smaller --read-size or a coarser --mpp"
+            )
         out = grid.to_csv(args.out)
         preview = None
         if args.preview:

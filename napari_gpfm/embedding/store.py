@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,21 @@ def slide_stem(path: str | os.PathLike) -> str:
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def shared_store_folder(paths: Iterable[str | os.PathLike]) -> tuple[Path, Path] | None:
+    """The first two of ``paths`` whose stores would share a folder (same file stem), if any.
+
+    Stores are named after the slide's file name, so ``a/slide.svs`` and ``b/slide.svs`` cannot
+    go into one output folder: the second would meet the first one's store.
+    """
+    seen: dict[str, Path] = {}
+    for path in map(Path, paths):
+        stem = slide_stem(path)
+        if stem in seen and seen[stem].resolve() != path.resolve():
+            return seen[stem], path
+        seen.setdefault(stem, path)
+    return None
 
 
 def _safe_name(text: str) -> str:
@@ -429,11 +444,22 @@ class EmbeddingStore:
     def check_identity(self, expected: Mapping[str, Any]) -> None:
         """Raise :class:`StoreError` if ``expected`` differs from this store's identity."""
         diffs = self.identity_differences(expected)
-        if diffs:
+        if not diffs:
+            return
+        made_from = str(self.attrs.get("slide_path") or "")
+        if "slide_fingerprint" in expected and str(expected["slide_fingerprint"]) != \
+                self.identity["slide_fingerprint"] and made_from:
+            # Same file name, other content: often another slide of the same name (one folder
+            # per patient), which --overwrite would silently replace.
             raise StoreError(
-                f"{self.path} was made with other inputs ({'; '.join(diffs)}); "
-                "use --overwrite to replace it or another --out folder"
+                f"{self.path} holds the embeddings of {made_from}, whose slide content differs "
+                "from this slide's: if it is another slide of the same name, embed into another "
+                "--out folder; if that slide file itself changed, use --overwrite"
             )
+        raise StoreError(
+            f"{self.path} was made with other inputs ({'; '.join(diffs)}); "
+            "use --overwrite to replace it or another --out folder"
+        )
 
     # ------------------------------------------------------------------ reading
     @property

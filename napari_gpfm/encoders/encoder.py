@@ -251,7 +251,8 @@ def _find_or_explain(spec: EncoderSpec, models_dir_: str | os.PathLike[str] | No
     source = f"; get it from {spec.url}" if spec.url else ""
     raise WeightsError(
         f"no weights for encoder '{spec.name}': looked for {', '.join(spec.weights_filenames)} "
-        f"in {folders}; pass --weights PATH or put the file in ${MODELS_DIR_ENV} "
+        f"in {folders}; pass --weights PATH (gpfm eval: --models {spec.name}=PATH) or put the "
+        f"file in ${MODELS_DIR_ENV} "
         f"(now {models_dir(models_dir_)}){source}"
     )
 

@@ -173,7 +173,7 @@ def _check_mpp(mpp: float) -> float:
 def _open_slide_at(path: Path, mpp: float, slide_mpp: float | None) -> Slide:
     from napari_gpfm.slides import open_slide
 
-    slide = open_slide(path, mpp=slide_mpp)
+    slide = open_slide(path, default_mpp=slide_mpp)
     if mpp * MAX_UPSAMPLING < slide.mpp:
         slide.close()
         raise ParameterError(

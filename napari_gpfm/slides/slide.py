@@ -209,7 +209,8 @@ class Slide:
     indexed ``[y, x]`` and are ``uint8`` RGB.
     """
 
-    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None,
+                 default_mpp: float | None = None):
         import tiffslide
 
         self.path = Path(path).expanduser()
@@ -237,18 +238,22 @@ class Slide:
                 ) from None
         for record in messages:  # the file opened: tifffile's complaints were not fatal
             _log.warning("%s: %s", self.path, record.getMessage())
-        if mpp is not None:
-            if not _is_pixel_size(mpp):
+        for value, name in ((mpp, "mpp"), (default_mpp, "default_mpp")):
+            if value is not None and not _is_pixel_size(value):
                 self.close()
                 raise ParameterError(
-                    f"mpp={mpp!r} for {self.path} is not a pixel size: pass the level-0 microns "
-                    "per pixel, between 0.01 and 100 (about 0.25 for 40x, 0.5 for 20x)"
+                    f"{name}={value!r} for {self.path} is not a pixel size: pass the level-0 "
+                    "microns per pixel, between 0.01 and 100 (about 0.25 for 40x, 0.5 for 20x)"
                 )
-            self._mpp_xy: tuple[float, float] | None = (float(mpp), float(mpp))
-            self.mpp_source = "user"
+        self._mpp_xy: tuple[float, float] | None
+        if mpp is not None:
+            self._mpp_xy, self.mpp_source = (float(mpp), float(mpp)), "user"
         else:
             self._mpp_xy = self._mpp_from_metadata()
             self.mpp_source = "metadata" if self._mpp_xy else None
+            if self._mpp_xy is None and default_mpp is not None:
+                self._mpp_xy = (float(default_mpp), float(default_mpp))
+                self.mpp_source = "user"
         self._levels: list | None = None
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
@@ -295,7 +300,9 @@ class Slide:
                 v = None
             vals.append(v if v and math.isfinite(v) and 0.01 <= v <= 100 else None)
         if vals[0] is None and vals[1] is None:
-            return None
+            # OME-TIFF writers (bfconvert, tifffile, QuPath) may record it only in the OME-XML.
+            tif = self._ts.ts_tifffile
+            return _mpp_from_ome_xml(tif.ome_metadata) if tif.is_ome else None
         x = vals[0] if vals[0] is not None else vals[1]
         y = vals[1] if vals[1] is not None else vals[0]
         return float(x), float(y)
@@ -330,8 +337,10 @@ class Slide:
     def mpp_xy(self) -> tuple[float, float]:
         if self._mpp_xy is None:
             raise SlideError(
-                f"{self.path} has no pixel size (microns per pixel) in its metadata; pass it: "
-                "`mpp=0.25` in Python or `--mpp 0.25` on the command line (0.25 for 40x, 0.5 for 20x)"
+                f"{self.path} has no pixel size (microns per pixel) in its metadata; pass the "
+                "slide's own (0.25 for 40x, 0.5 for 20x scans): `open_slide(path, mpp=0.25)` in "
+                "Python, `--slide-mpp 0.25` to gpfm embed / tiles / eval / demo, `--mpp 0.25` to "
+                "gpfm info, the `mpp` column of a gpfm-train manifest"
             )
         return self._mpp_xy
 
@@ -556,6 +565,42 @@ def resize_rgb(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize(wh, Image.Resampling.BILINEAR, reducing_gap=None))
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
-    """Open a whole-slide image lazily. ``mpp`` overrides (or supplies) the level-0 pixel size."""
-    return Slide(path, mpp=mpp)
+# OME's length units, in microns (the schema's default unit is the micron).
+_OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "Å": 1e-4, "mm": 1e3,
+                "cm": 1e4, "m": 1e6}
+
+
+def _mpp_from_ome_xml(xml: str | None) -> tuple[float, float] | None:
+    """PhysicalSizeX/Y of the first image's Pixels in an OME-XML document, in um/px."""
+    import xml.etree.ElementTree as ET
+
+    if not xml:
+        return None
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    sizes = []
+    for axis in ("X", "Y"):
+        try:
+            value = float(pixels.get(f"PhysicalSize{axis}", "nan"))
+        except ValueError:
+            value = math.nan
+        value *= _OME_UNIT_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"), math.nan)
+        sizes.append(value if math.isfinite(value) and 0.01 <= value <= 100 else None)
+    if sizes[0] is None and sizes[1] is None:
+        return None
+    x = sizes[0] if sizes[0] is not None else sizes[1]
+    y = sizes[1] if sizes[1] is not None else sizes[0]
+    return float(x), float(y)
+
+
+def open_slide(
+    path: str | os.PathLike, mpp: float | None = None, *, default_mpp: float | None = None
+) -> Slide:
+    """Open a whole-slide image lazily. ``mpp`` overrides (or supplies) the level-0 pixel size;
+    ``default_mpp`` only supplies it to a file that records none (a folder of mixed slides)."""
+    return Slide(path, mpp=mpp, default_mpp=default_mpp)

@@ -179,10 +179,12 @@ class TileGrid:
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write ``index,x,y,tissue_fraction`` rows under ``# key: json`` header comments."""
+        from napari_gpfm.analysis._io import atomic_output
+
         path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        with atomic_output(path, "the tile grid") as tmp, \
+                open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(_CSV_MAGIC + "\n")
             for key, value in self.header().items():
                 fh.write(f"# {key}: {json.dumps(value, sort_keys=True)}\n")
@@ -191,7 +193,6 @@ class TileGrid:
             rows = np.column_stack([idx, self.coords]).astype(np.int64)
             for (i, x, y), f in zip(rows.tolist(), self.tissue_fraction.tolist(), strict=True):
                 fh.write(f"{i},{x},{y},{f:.4f}\n")
-        os.replace(tmp, path)
         return path
 
     @classmethod

@@ -60,7 +60,8 @@ def test_timm_export_loads_as_the_default_encoder_with_the_teachers_features(
     assert "vit_small_patch14_dinov2" in card and "48-d CLS" in card
 
 
-def test_default_out_makes_it_the_embedded_default_model(trained, tmp_path, monkeypatch):
+def test_default_out_makes_it_the_embedded_default_model(trained, tmp_path, monkeypatch,
+                                                         capsys):
     import napari_gpfm.encoders.default_model as default_model
     from napari_gpfm.encoders import get_spec
 
@@ -68,6 +69,12 @@ def test_default_out_makes_it_the_embedded_default_model(trained, tmp_path, monk
     ckpt, distiller = trained
     assert main(["export", str(ckpt)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default.json", "default.safetensors"]
+    # Once built, the default is only replaced on request.
+    built = (tmp_path / "default.safetensors").stat().st_mtime_ns
+    assert main(["export", str(ckpt)]) == 2
+    assert "--replace-default" in capsys.readouterr().err
+    assert (tmp_path / "default.safetensors").stat().st_mtime_ns == built
+    assert main(["export", str(ckpt), "--replace-default"]) == 0
     assert get_spec("default").embed_dim == 48
     encoder = load_encoder("default")
     x = _images()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_run import tiny_overrides
+from _tiny_run import SAMPLE, tiny_overrides
 from lightning.pytorch.callbacks import Callback
 
 from gpfm_train.cli import fit, load_run_config, prepare_fit
@@ -189,13 +189,29 @@ def test_each_student_group_is_clipped_separately_and_expert_heads_are_not(
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in head_grads])) > 3.0
 
 
-def test_bf16_autocast_step_on_cpu(tmp_path):
+def test_bf16_autocast_step_on_cpu(tmp_path, recwarn):
     run = load_run_config("tiny_cpu.yaml", tiny_overrides(
-        tmp_path, **{"trainer.max_steps": 1, "trainer.precision": "bf16-mixed"}))
+        tmp_path, **{"trainer.max_steps": 1, "trainer.precision": "bf16-mixed",
+                     "trainer.checkpoint_every_n_steps": 1}))
     done = fit(run)
+    # Lightning's warnings about the eval-mode teacher and manual-optimisation checkpoints
+    # describe the design; fit() keeps them from the user's terminal.
+    shown = [str(w.message) for w in recwarn]
+    assert not [m for m in shown if "in eval mode" in m or "manual optimization" in m], shown
     assert done.trainer.global_step == 1
     assert torch.isfinite(done.trainer.logged_metrics["loss/total"])
     assert all(p.dtype == torch.float32 for p in done.module.distiller.parameters())
+
+
+def test_fit_closes_the_slides_it_read_in_process(tmp_path):
+    run = load_run_config("tiny_cpu.yaml", tiny_overrides(
+        tmp_path, **{"trainer.max_steps": 1, "data.sources": [{"slides": [str(SAMPLE)]}]}))
+    done = fit(run)
+    slides = done.datamodule.tiles
+    assert done.trainer.global_step == 1 and slides.open_slides == 0
+    slides[0]  # a read after teardown opens the slide again
+    assert slides.open_slides == 1
+    slides.close()
 
 
 # --------------------------------------------------------------------------- experts

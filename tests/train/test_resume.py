@@ -7,6 +7,8 @@ step); and, through drop path 0.1, the RNG stream (restored per rank).
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,47 @@ def test_cli_resume_from_last(runs, capsys):
     assert "gpfm-step=00000003.ckpt" in names and "gpfm-step=00000005.ckpt" in names
     last = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 5
+    assert f"gpfm-train export {root / 'checkpoints' / 'last.ckpt'} --out" in out
+
+    # A fresh start in the same folder would write last-v1.ckpt beside the old run's last.ckpt.
+    assert main(longer) == 2
+    assert "checkpoints of an earlier run" in capsys.readouterr().err
+    truncated = root / "truncated.ckpt"
+    truncated.write_bytes((root / "checkpoints" / "last.ckpt").read_bytes()[:4096])
+    for bad in (truncated, Path(__file__)):
+        assert main(longer + ["--ckpt-path", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not a readable training checkpoint" in err[0], err
+
+
+class CtrlC(Callback):
+    """Press Ctrl-C (SIGINT to this process) once, at the end of step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_the_current_step_and_resumes_exactly(runs, capsys, monkeypatch):
+    import gpfm_train.cli as cli
+
+    root = runs["root"] / "ctrl-c"
+    args = ["fit", "--config", "tiny_cpu.yaml", *set_args(_overrides(root))]
+    uninterrupted = cli.fit
+    monkeypatch.setattr(cli, "fit", lambda run, ckpt: uninterrupted(run, ckpt, [CtrlC(1)]))
+    assert main(args) == 130
+    out = capsys.readouterr().out
+    # Step 2 was in flight and is kept although no periodic checkpoint falls on it (every 3).
+    last = root / "checkpoints" / "last.ckpt"
+    assert f"stopped after step 2, saved as {last}" in out and "--ckpt-path last" in out
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    resumed = uninterrupted(load_run_config("tiny_cpu.yaml", _overrides(root)), "last")
+    assert resumed.trainer.global_step == STEPS
+    full, again = _state(runs["full"]), _state(resumed)
+    for key in full:
+        torch.testing.assert_close(again[key], full[key], atol=1e-6, rtol=0, msg=key)
