@@ -477,13 +477,15 @@ def prepare_fit(run: RunConfig, callbacks: Sequence[Any] = ()) -> FitRun:
     return FitRun(trainer, module, datamodule)
 
 
-# Two of Lightning's start-up warnings describe this design, not a fault, and only alarm users:
-# the EMA teacher and the frozen experts stay in eval mode on purpose, and with manual
+# Three of Lightning's start-up warnings describe this design, not a fault, and only alarm
+# users: the EMA teacher and the frozen experts stay in eval mode on purpose; with manual
 # optimisation a checkpoint holds the state after its step, which is what resuming expects
-# (tests/train/test_resume.py: a resumed run equals an uninterrupted one).
+# (tests/train/test_resume.py: a resumed run equals an uninterrupted one); and a resumed run
+# writes into its own, non-empty checkpoint folder (run_fit refuses a fresh run there).
 _EXPECTED_LIGHTNING_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"Using ModelCheckpoint with manual optimization",
+    r"Checkpoint directory .* exists and is not empty",
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,10 @@ def test_ctrl_c_saves_the_current_step_and_resumes_exactly(runs, capsys, monkeyp
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
-    resumed = uninterrupted(load_run_config("tiny_cpu.yaml", _overrides(root)), "last")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = uninterrupted(load_run_config("tiny_cpu.yaml", _overrides(root)), "last")
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     assert resumed.trainer.global_step == STEPS
     full, again = _state(runs["full"]), _state(resumed)
     for key in full:
