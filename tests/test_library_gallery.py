@@ -89,6 +89,9 @@ def test_query_store_refusals_are_one_line(lib, tmp_path):
     assert "\n" not in text and "does not fit library" in text and "tiling" in text
     assert str(lib["mismatched_store"]) in text
     assert "gpfm embed SLIDE --model default --mpp 1 --read-size 64 --size 112" in text
+    # In words, with every setting, so that the one that differs shows.
+    assert ("tiles of 64 px at 2.0 um/px resized to 112 px, stride 64 px, min. tissue 0.5 "
+            "instead of 64 px at 1.0 um/px resized to 112 px, stride 64 px") in text
     with pytest.raises(StoreError, match="does not exist"):
         check_query_store(library, tmp_path / "nowhere.zarr")
     with pytest.raises(ParameterError, match="top_k=0"):

@@ -61,8 +61,13 @@ def _tiling_flags(tiling: dict[str, Any]) -> str:
 
 
 def describe_tiling(tiling: dict[str, Any]) -> str:
-    """A recorded tiling (``TilingSpec.to_dict()``) in words, e.g. ``64 px at 1.0 um/px``."""
-    return (f"{tiling.get('read_size', '?')} px at {tiling.get('mpp', '?')} um/px, "
+    """A recorded tiling (``TilingSpec.to_dict()``) in words, e.g. ``64 px at 1.0 um/px, stride
+    64 px, min. tissue 0.5``: every setting a user can change, so that two differ in words."""
+    read = tiling.get("read_size", "?")
+    model = tiling.get("model_size")
+    resized = f" resized to {model} px" if model not in (None, read) else ""
+    stride = tiling.get("stride") or read  # None: no overlap
+    return (f"{read} px at {tiling.get('mpp', '?')} um/px{resized}, stride {stride} px, "
             f"min. tissue {tiling.get('min_tissue', '?')}")
 
 
