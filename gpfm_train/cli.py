@@ -699,7 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed_p.add_argument("--workers", type=int, default=2, help="tile reading threads (2)")
     embed_p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     embed_p.add_argument("--pooling", default="cls", choices=("cls", "mean", "cls+mean"))
-    embed_p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    embed_p.add_argument("--dtype", default=None, choices=("float16", "float32"),
+                         help="feature precision of new stores (default float16)")
     embed_p.add_argument("--patch-tokens", action="store_true", help="also store patch tokens")
     embed_p.add_argument("--overwrite", action="store_true", help="replace existing stores")
     embed_p.add_argument("--limit", type=int, default=None, help="at most N tiles per slide")

@@ -59,7 +59,7 @@ class CohortOptions:
     workers: int = 2
     precision: str = "auto"
     pooling: str = "cls"
-    dtype: str = "float16"
+    dtype: str | None = None  # None: float16 for new stores, any for existing ones
     patch_tokens: bool = False
     overwrite: bool = False
     limit: int | None = None
@@ -164,7 +164,7 @@ def embed_one_slide(slide: CohortSlide, encoder: Any, options: CohortOptions,
 def _embed(slide: CohortSlide, encoder: Any, options: CohortOptions, rank: int,
            t0: float) -> SlideOutcome:
     from napari_gpfm.embedding import EmbeddingStore, default_store_path
-    from napari_gpfm.embedding.engine import embed_slide, prepare_store
+    from napari_gpfm.embedding.engine import check_store_dtype, embed_slide, prepare_store
     from napari_gpfm.embedding.store import encoder_metadata
     from napari_gpfm.slides import open_slide
     from napari_gpfm.tiling import TilingSpec, make_grid
@@ -178,6 +178,7 @@ def _embed(slide: CohortSlide, encoder: Any, options: CohortOptions, rank: int,
                 pooling=options.pooling,
             )
             existing = EmbeddingStore.open(store_path, expected)
+            check_store_dtype(existing, options.dtype)
             if existing.is_complete and (existing.has_patch_tokens or not options.patch_tokens):
                 return SlideOutcome(str(slide.path), "skipped", rank, existing.n_tiles, 0,
                                     time.perf_counter() - t0, str(store_path))

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from napari_gpfm.errors import GPFMError, ParameterError, SlideError, StoreError
+from napari_gpfm.errors import GPFMError, ParameterError, SlideError
 
 DEFAULT_OUT = "embeddings"
 
@@ -166,7 +166,7 @@ class SlideOutcome:
 
 def _embed_one(path: Path, args, encoder, spec_kwargs: dict) -> SlideOutcome:
     from napari_gpfm.embedding import EmbeddingStore, default_store_path
-    from napari_gpfm.embedding.engine import embed_slide, prepare_store
+    from napari_gpfm.embedding.engine import check_store_dtype, embed_slide, prepare_store
     from napari_gpfm.embedding.h5io import export_h5
     from napari_gpfm.embedding.store import encoder_metadata
     from napari_gpfm.slides import open_slide
@@ -185,12 +185,7 @@ def _embed_one(path: Path, args, encoder, spec_kwargs: dict) -> SlideOutcome:
                 pooling=args.pooling,
             )
             existing = EmbeddingStore.open(store_path, expected)
-            stored = existing.attrs.get("dtype")
-            if args.dtype and stored != args.dtype:  # resuming would cast silently
-                raise StoreError(
-                    f"{store_path} stores {stored} features, --dtype {args.dtype} was asked; "
-                    "use --overwrite to recompute it, or drop --dtype to keep it"
-                )
+            check_store_dtype(existing, args.dtype)
             if existing.is_complete and (existing.has_patch_tokens or not args.patch_tokens):
                 print(f"{path.name}: already complete: {store_path}")
                 _export_if_asked(args, existing, export_h5)
@@ -199,7 +194,7 @@ def _embed_one(path: Path, args, encoder, spec_kwargs: dict) -> SlideOutcome:
         grid = make_grid(slide, spec)
         store = prepare_store(
             store_path, slide=slide, grid=grid, encoder=encoder, spec=spec,
-            pooling=args.pooling, dtype=args.dtype or "float16", patch_tokens=args.patch_tokens,
+            pooling=args.pooling, dtype=args.dtype, patch_tokens=args.patch_tokens,
             overwrite=args.overwrite,
         )
         pending = store.n_tiles - store.n_done

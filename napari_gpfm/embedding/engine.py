@@ -153,6 +153,17 @@ def patch_token_shape(encoder: Any) -> tuple[int, int, int]:
     return int(h), int(w), int(dim)
 
 
+def check_store_dtype(store: EmbeddingStore, dtype: str | None) -> None:
+    """Refuse to resume a store in another feature precision than ``dtype`` (None: any):
+    the new rows would be cast to the store's silently."""
+    stored = store.attrs.get("dtype")
+    if dtype is not None and stored != dtype:
+        raise StoreError(
+            f"{store.path} stores {stored} features, --dtype {dtype} was asked; use --overwrite "
+            "to recompute it, or drop --dtype to keep it"
+        )
+
+
 def prepare_store(
     path: str | Path,
     *,
@@ -161,15 +172,16 @@ def prepare_store(
     encoder: Any,
     spec: Any = None,
     pooling: str = "cls",
-    dtype: str = "float16",
+    dtype: str | None = None,
     patch_tokens: bool = False,
     overwrite: bool = False,
 ) -> EmbeddingStore:
     """Open the store at ``path`` to resume it, or create it.
 
     An existing store must have the same identity (slide content, encoder + weights, tiling,
-    pooling) and keep patch tokens if they are asked for; otherwise :class:`StoreError` says
-    what differs. ``overwrite`` replaces it instead.
+    pooling), keep patch tokens if they are asked for and hold ``dtype`` features if one is
+    asked for; otherwise :class:`StoreError` says what differs. ``overwrite`` replaces it
+    instead. A new store holds ``dtype`` (default float16) features.
     """
     spec = spec if spec is not None else grid.spec
     meta = encoder_metadata(encoder)
@@ -179,6 +191,7 @@ def prepare_store(
             slide=slide, encoder_meta=meta, spec=spec, pooling=pooling
         )
         store = EmbeddingStore.open(path, expected, mode="r+")
+        check_store_dtype(store, dtype)
         if patch_tokens and not store.has_patch_tokens:
             raise StoreError(
                 f"{path} was made without patch tokens; use --overwrite to recompute it with "
@@ -197,7 +210,7 @@ def prepare_store(
         slide=slide,
         grid=grid,
         encoder_meta=meta,
-        dtype=dtype,
+        dtype=dtype or "float16",
         patch_tokens_shape=patch_token_shape(encoder) if patch_tokens else None,
         pooling=pooling,
         spec=spec,

@@ -117,6 +117,13 @@ def test_one_process_matches_gpfm_embed_and_isolates_a_broken_slide(cohort, tmp_
     status = {Path(o["slide"]).name: o["status"] for o in outcomes}
     assert status == {"CMU-1-Small-Region.svs": "skipped", "cmu_copy.svs": "skipped",
                       "OS-1-detail.ome.tif": "skipped", "broken.svs": "failed"}
+    # Another precision than the stores hold is refused per slide, not skipped in silence.
+    capsys.readouterr()
+    assert train_main(_args(cohort, cohort["with_broken"], out, "--devices", "1",
+                            "--dtype", "float32")) == 1
+    outcomes = json.loads((out / "_cohort" / "outcomes-rank0.json").read_text())
+    assert all(o["status"] == "failed" for o in outcomes)
+    assert "stores float16 features, --dtype float32" in capsys.readouterr().out
 
 
 def test_partial_stores_resume_from_their_done_rows(cohort, tmp_path, capsys):
