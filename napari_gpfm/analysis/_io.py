@@ -26,7 +26,16 @@ _UMASK = _read_umask()
 
 
 def check_output_path(path: str | os.PathLike, what: str) -> Path:
-    """Return ``path`` as a Path, raising ParameterError if its folder does not exist."""
+    """Return ``path`` as a Path, raising ParameterError if a file cannot be written there
+    (missing or read-only folder, a folder at that path), before any work is done."""
+    out = _checked_place(path, what)
+    # Try it now, not after the work: a read-only or virtual folder (/proc) accepts the checks
+    # of _checked_place and refuses the file.
+    _temporary_file(out, what).unlink()
+    return out
+
+
+def _checked_place(path: str | os.PathLike, what: str) -> Path:
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
@@ -35,9 +44,6 @@ def check_output_path(path: str | os.PathLike, what: str) -> Path:
         )
     if out.is_dir():
         raise ParameterError(f"cannot write {what} to {out}: it is a folder; give a file name")
-    # Try it now, not after the work: a read-only or virtual folder (/proc) accepts the checks
-    # above and refuses the file.
-    _temporary_file(out, what).unlink()
     return out
 
 
@@ -63,8 +69,8 @@ def atomic_output(path: str | os.PathLike, what: str = "file") -> Iterator[Path]
     The temporary file lives in the destination folder so that ``os.replace`` is a rename on
     the same file system (atomic on POSIX and Windows).
     """
-    out = check_output_path(path, what)
-    tmp = _temporary_file(out, what)
+    out = _checked_place(path, what)
+    tmp = _temporary_file(out, what)  # fails, with the same message, where no file can go
     try:
         yield tmp
         os.replace(tmp, out)

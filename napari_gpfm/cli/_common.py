@@ -50,14 +50,19 @@ def slide_thumbnail(store, max_size: int = 1600):
 MAP_SUFFIXES = (".png", ".tif", ".tiff")
 
 
+def _map_suffix(path: str | Path, flag: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in MAP_SUFFIXES:
+        raise ParameterError(f"{flag} {path}: use a .png (picture) or .tif (raw values) file name")
+    return suffix
+
+
 def check_map_path(path: str | Path, flag: str = "--out") -> Path:
-    """A map's output path, refused before any work unless it ends in .png or .tif."""
+    """A map's output path, refused before any work unless it is a writable .png or .tif."""
     from napari_gpfm.analysis._io import check_output_path
 
-    out = Path(path)
-    if out.suffix.lower() not in MAP_SUFFIXES:
-        raise ParameterError(f"{flag} {out}: use a .png (picture) or .tif (raw values) file name")
-    return check_output_path(out, "the map")
+    _map_suffix(path, flag)
+    return check_output_path(path, "the map")
 
 
 def write_view(view, out: str | Path, thumbnail=None, cmap: str = "viridis",
@@ -65,8 +70,8 @@ def write_view(view, out: str | Path, thumbnail=None, cmap: str = "viridis",
     """A StoreView as PNG (over the thumbnail) or as a float/label TIFF, by file suffix."""
     from napari_gpfm.analysis.rasters import write_map_png, write_map_tiff
 
-    out = check_map_path(out, flag)
-    suffix = out.suffix.lower()
+    out = Path(out)
+    suffix = _map_suffix(out, flag)  # the writers check the path itself, atomically
     if suffix == ".png":
         kwargs = {}
         if view.colours is not None:
@@ -74,9 +79,8 @@ def write_view(view, out: str | Path, thumbnail=None, cmap: str = "viridis",
         elif view.kind == "similarity":
             kwargs.update(vmin=float(view.values.min()), vmax=float(view.values.max()))
         return write_map_png(out, view.raster, thumbnail=thumbnail, cmap=cmap, **kwargs)
-    if suffix in (".tif", ".tiff"):
-        extra = {"kind": view.kind, **{k: v for k, v in view.provenance.items() if k != "tiling"}}
-        if view.class_names:
-            extra["class_names"] = view.class_names
-        return write_map_tiff(out, view.raster, mpp=view.provenance.get("slide_mpp"), extra=extra)
-    raise AssertionError(suffix)  # check_map_path admits only the suffixes above
+    # .tif / .tiff, the other suffixes _map_suffix admits
+    extra = {"kind": view.kind, **{k: v for k, v in view.provenance.items() if k != "tiling"}}
+    if view.class_names:
+        extra["class_names"] = view.class_names
+    return write_map_tiff(out, view.raster, mpp=view.provenance.get("slide_mpp"), extra=extra)

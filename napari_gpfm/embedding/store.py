@@ -134,14 +134,15 @@ def shared_store_folder(paths: Iterable[str | os.PathLike]) -> tuple[Path, Path]
     """The first two of ``paths`` whose stores would share a folder (same file stem), if any.
 
     Stores are named after the slide's file name, so ``a/slide.svs`` and ``b/slide.svs`` cannot
-    go into one output folder: the second would meet the first one's store.
+    go into one output folder: the second would meet the first one's store. The same slide
+    listed twice is a clash too (two ranks would write one store); deduplicate first.
     """
     seen: dict[str, Path] = {}
     for path in map(Path, paths):
         stem = slide_stem(path)
-        if stem in seen and seen[stem].resolve() != path.resolve():
+        if stem in seen:
             return seen[stem], path
-        seen.setdefault(stem, path)
+        seen[stem] = path
     return None
 
 

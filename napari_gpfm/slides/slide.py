@@ -291,21 +291,12 @@ class Slide:
 
     def _mpp_from_metadata(self) -> tuple[float, float] | None:
         props = self._ts.properties
-        vals = []
-        for key in ("tiffslide.mpp-x", "tiffslide.mpp-y"):
-            v = props.get(key)
-            try:
-                v = float(v) if v is not None else None
-            except (TypeError, ValueError):
-                v = None
-            vals.append(v if v and math.isfinite(v) and 0.01 <= v <= 100 else None)
-        if vals[0] is None and vals[1] is None:
+        pair = _pixel_size_pair(props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y"))
+        if pair is None:
             # OME-TIFF writers (bfconvert, tifffile, QuPath) may record it only in the OME-XML.
             tif = self._ts.ts_tifffile
             return _mpp_from_ome_xml(tif.ome_metadata) if tif.is_ome else None
-        x = vals[0] if vals[0] is not None else vals[1]
-        y = vals[1] if vals[1] is not None else vals[0]
-        return float(x), float(y)
+        return pair
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -589,13 +580,26 @@ def _mpp_from_ome_xml(xml: str | None) -> tuple[float, float] | None:
             value = float(pixels.get(f"PhysicalSize{axis}", "nan"))
         except ValueError:
             value = math.nan
-        value *= _OME_UNIT_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"), math.nan)
-        sizes.append(value if math.isfinite(value) and 0.01 <= value <= 100 else None)
-    if sizes[0] is None and sizes[1] is None:
+        sizes.append(value * _OME_UNIT_UM.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"),
+                                              math.nan))
+    return _pixel_size_pair(*sizes)
+
+
+def _pixel_size_pair(x: Any, y: Any) -> tuple[float, float] | None:
+    """(x, y) um/px from two recorded values: one missing or implausible one takes the other's
+    value; None if neither is a pixel size."""
+    values = []
+    for value in (x, y):
+        try:
+            value = float(value) if value is not None else None
+        except (TypeError, ValueError):
+            value = None
+        values.append(value if _is_pixel_size(value) else None)
+    if values[0] is None and values[1] is None:
         return None
-    x = sizes[0] if sizes[0] is not None else sizes[1]
-    y = sizes[1] if sizes[1] is not None else sizes[0]
-    return float(x), float(y)
+    x_um = values[0] if values[0] is not None else values[1]
+    y_um = values[1] if values[1] is not None else values[0]
+    return float(x_um), float(y_um)
 
 
 def open_slide(

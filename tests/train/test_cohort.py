@@ -190,8 +190,11 @@ def test_manifest_problems_are_one_line(cohort, tmp_path, capsys):
     twin = write_manifest([SlideRow(str(SAMPLE), None, 1, "ee46696ade4f"),
                            SlideRow(str(tmp_path / "x" / SAMPLE.name), None, 1,
                                     "ee46696ade4f")], tmp_path / "twin.csv")
+    twice = write_manifest([SlideRow(str(SAMPLE), None, 1, "ee46696ade4f")] * 2,
+                           tmp_path / "twice.csv")
     for manifest, expected in ((empty, "lists no rows"), (tiles, "is a tiles file"),
-                               (twin, "would share the store folder")):
+                               (twin, "would share the store folder"),
+                               (twice, "is already listed")):
         assert train_main(_args(cohort, manifest, tmp_path / "o")) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
