@@ -589,11 +589,16 @@ def run_average(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- embed
 def run_embed(args: argparse.Namespace) -> int:
     from gpfm_train.cohort import CohortOptions, read_cohort, run_cohort, summary_table
+    from napari_gpfm.slides import is_pixel_size
 
+    if args.slide_mpp is not None and not is_pixel_size(args.slide_mpp):
+        raise ParameterError(f"--slide-mpp {args.slide_mpp} is not a pixel size: pass the level-0 "
+                             "microns per pixel, e.g. 0.25 for 40x or 0.5 for 20x scans")
     slides = read_cohort(args.manifest, root=args.root, splits=args.split)
     options = CohortOptions(
         out=Path(args.out), model=args.model, weights=args.weights, models_dir=args.models_dir,
-        mpp=args.mpp, read_size=args.read_size, stride=args.stride, min_tissue=args.min_tissue,
+        mpp=args.mpp, slide_mpp=args.slide_mpp, read_size=args.read_size, stride=args.stride,
+        min_tissue=args.min_tissue,
         batch_size=args.batch_size, workers=args.workers, precision=args.precision,
         pooling=args.pooling, dtype=args.dtype, patch_tokens=args.patch_tokens,
         overwrite=args.overwrite, limit=args.limit,
@@ -692,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed_p.add_argument("--split", action="append", default=None,
                          help="only slides of this split (repeatable; default: all)")
     embed_p.add_argument("--mpp", type=float, default=None, help="tile um/px (encoder native)")
+    embed_p.add_argument("--slide-mpp", type=float, default=None,
+                         help="level-0 um/px of slides that record none (their manifest row "
+                              "neither); recorded values and the mpp column win")
     embed_p.add_argument("--read-size", type=int, default=None, help="tile side at --mpp")
     embed_p.add_argument("--stride", type=int, default=None, help="step between tiles")
     embed_p.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction (0.5)")

@@ -52,6 +52,7 @@ class CohortOptions:
     weights: str | None = None
     models_dir: str | None = None
     mpp: float | None = None
+    slide_mpp: float | None = None  # level-0 um/px for slides whose file and row record none
     read_size: int | None = None
     stride: int | None = None
     min_tissue: float = 0.5
@@ -169,7 +170,7 @@ def _embed(slide: CohortSlide, encoder: Any, options: CohortOptions, rank: int,
     from napari_gpfm.slides import open_slide
     from napari_gpfm.tiling import TilingSpec, make_grid
 
-    with open_slide(slide.path, mpp=slide.mpp) as opened:
+    with open_slide(slide.path, mpp=slide.mpp, default_mpp=options.slide_mpp) as opened:
         spec = TilingSpec(**tiling_kwargs(options, encoder))
         store_path = default_store_path(options.out, opened, encoder.spec.name, spec)
         if store_path.exists() and not options.overwrite:

@@ -62,7 +62,8 @@ def _describe_magic(head: bytes) -> str:
         return "not a TIFF file"
 
 
-def _is_pixel_size(value: Any) -> bool:
+def is_pixel_size(value: Any) -> bool:
+    """Whether ``value`` is a plausible level-0 pixel size in microns (0.01 to 100)."""
     return (
         isinstance(value, numbers.Real)
         and not isinstance(value, bool)
@@ -239,7 +240,7 @@ class Slide:
         for record in messages:  # the file opened: tifffile's complaints were not fatal
             _log.warning("%s: %s", self.path, record.getMessage())
         for value, name in ((mpp, "mpp"), (default_mpp, "default_mpp")):
-            if value is not None and not _is_pixel_size(value):
+            if value is not None and not is_pixel_size(value):
                 self.close()
                 raise ParameterError(
                     f"{name}={value!r} for {self.path} is not a pixel size: pass the level-0 "
@@ -330,8 +331,8 @@ class Slide:
             raise SlideError(
                 f"{self.path} has no pixel size (microns per pixel) in its metadata; pass the "
                 "slide's own (0.25 for 40x, 0.5 for 20x scans): `open_slide(path, mpp=0.25)` in "
-                "Python, `--slide-mpp 0.25` to gpfm embed / tiles / eval / demo, `--mpp 0.25` to "
-                "gpfm info, the `mpp` column of a gpfm-train manifest"
+                "Python, `--slide-mpp 0.25` to gpfm embed / tiles / eval / demo and gpfm-train embed, "
+                "`--mpp 0.25` to gpfm info, the `mpp` column of a gpfm-train manifest"
             )
         return self._mpp_xy
 
@@ -594,7 +595,7 @@ def _pixel_size_pair(x: Any, y: Any) -> tuple[float, float] | None:
             value = float(value) if value is not None else None
         except (TypeError, ValueError):
             value = None
-        values.append(value if _is_pixel_size(value) else None)
+        values.append(value if is_pixel_size(value) else None)
     if values[0] is None and values[1] is None:
         return None
     x_um = values[0] if values[0] is not None else values[1]

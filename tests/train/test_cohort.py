@@ -203,3 +203,25 @@ def test_manifest_problems_are_one_line(cohort, tmp_path, capsys):
     assert "none.safetensors" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no slide with split"):
         read_cohort(cohort["good"], splits=["val"])
+
+
+def test_slide_mpp_fills_in_only_a_missing_pixel_size(cohort, tmp_path, capsys):
+    """A slide recording no pixel size fails alone (the message names --slide-mpp); with
+    --slide-mpp it is embedded at that size, while the sample keeps its recorded 0.499."""
+    from slide_factory import he_image, write_pyramid
+
+    no_mpp = write_pyramid(tmp_path / "nompp.tif", he_image(640, 640, x=700, y=1900),
+                           levels=1, mpp=None)
+    manifest = write_manifest([SlideRow(str(no_mpp), None, 4, "ee46696ade4f"),
+                               SlideRow(str(SAMPLE), None, 24, "ee46696ade4f")],
+                              tmp_path / "mixed.csv")
+    out = tmp_path / "o"
+    assert train_main(_args(cohort, manifest, out)) == 1
+    report = capsys.readouterr().out
+    assert "1 failed" in report and "and gpfm-train embed" in report
+    assert train_main(_args(cohort, manifest, out, "--slide-mpp", "0.5")) == 0
+    stores = {p.parent.name: EmbeddingStore.open(p) for p in out.rglob("*.zarr")}
+    assert stores["nompp"].attrs["slide_mpp"] == 0.5 and stores["nompp"].n_tiles > 0
+    assert stores["CMU-1-Small-Region"].attrs["slide_mpp"] == pytest.approx(0.499, abs=1e-3)
+    assert train_main(_args(cohort, manifest, out, "--slide-mpp", "0")) == 2
+    assert "--slide-mpp 0.0 is not a pixel size" in capsys.readouterr().err
