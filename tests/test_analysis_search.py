@@ -109,8 +109,12 @@ def test_point_selects_the_nearest_tile_and_nothing_far_away():
 def test_bad_rois_raise_parameter_errors():
     with pytest.raises(ParameterError, match="w, h > 0"):
         Roi.rectangle(0, 0, 0, 10)
-    with pytest.raises(ParameterError, match="3 distinct"):
+    with pytest.raises(ParameterError, match=r"no area \(its 2 distinct vertices lie on a line"):
         Roi.polygon([(0, 0), (10, 10), (0, 0)])
+    with pytest.raises(ParameterError, match=r"no area \(it is a single point\)"):
+        Roi.polygon([(5, 5)] * 4)  # a box drawn with a click instead of a drag
+    with pytest.raises(ParameterError, match="its 3 distinct vertices lie on a line"):
+        Roi.polygon([(0, 0), (5, 5), (10, 10), (0, 0)])
     with pytest.raises(ParameterError, match="shape"):
         Roi.coerce(np.zeros((2, 3)))
     with pytest.raises(ParameterError, match="coords"):

@@ -145,6 +145,45 @@ def test_maps_pca_clusters_and_scores(viewer, embedded, qtbot, messages):
         "colours"][0]
 
 
+def test_reruns_update_hidden_result_layers_in_place(viewer, embedded, qtbot):
+    """A rerun gives the existing layer the new result, hidden or not, instead of removing it
+    and adding a new one: napari on Mesa's llvmpipe (any machine without a GPU driver) can
+    segfault when a hidden layer is removed (seen with the Embed widget's progress layer)."""
+    v, ref = viewer
+    v.window._qt_window.show()
+    _dock, maps = v.window.add_plugin_dock_widget("napari-gpfm", "Maps")
+    _dock, similar = v.window.add_plugin_dock_widget("napari-gpfm", "Similar regions")
+    coords, size = embedded["coords"], embedded["size"]
+    maps.k_spin.setValue(3)
+    maps.cluster_button.click()
+    qtbot.waitUntil(lambda: not maps.is_busy, timeout=TIMEOUT_MS)
+    similar.box_button.click()
+    box, _inside = _query_box(ref, coords, size, [0, 1])
+    v.layers["similarity query"].add_rectangles(box)
+    similar.k_spin.setValue(5)
+    similar.search_button.click()
+    clusters, boxes = _layer(v, "· clusters"), _layer(v, "· similar tiles")
+    count = len(v.layers)
+    qtbot.wait(300)
+    clusters.visible = boxes.visible = False
+    qtbot.wait(300)
+
+    maps.k_spin.setValue(4)
+    maps.cluster_button.click()
+    qtbot.waitUntil(lambda: not maps.is_busy, timeout=TIMEOUT_MS)
+    similar.k_spin.setValue(3)
+    similar.search_button.click()
+    qtbot.wait(300)
+    assert _layer(v, "· clusters") is clusters and _layer(v, "· similar tiles") is boxes
+    assert len(v.layers) == count and not clusters.visible and not boxes.visible
+    labels = maps.last_clusters.labels
+    assert labels.max() == 3 and clusters.metadata[TILES_KEY]["class_names"][3]
+    for i in range(0, len(coords), 5):
+        assert _value_at_tile(clusters, ref, coords[i], size) == labels[i] + 1
+    assert len(boxes.data) == 3 and list(boxes.features["rank"]) == [1, 2, 3]
+    np.testing.assert_allclose(boxes.features["score"], similar.last_result.scores)
+
+
 # ----------------------------------------------------------------------------- Similar
 def _query_box(ref, coords, size, rows):
     """A data-space rectangle (for a layer over the slide) around the tiles ``rows``."""
@@ -387,5 +426,51 @@ def test_classifier_needs_tissue_and_two_classes(viewer, embedded, qtbot, messag
     widget.add_class("glass")
     layer.add_rectangles(ref.level0_to_data(np.array([[5.0, 5.0], [150.0, 150.0]])))
     widget.train_button.click()
-    assert any("'glass' hold no embedded tissue tile" in m for m in messages)
+    assert any("at least 2 classes with embedded tiles in their regions; only 'tissue' has "
+               "them" in m and "left out 'glass'" in m for m in messages)
     assert not widget.is_busy
+
+
+def test_classifier_leaves_out_empty_and_removed_classes_and_retires_their_maps(
+        viewer, embedded, qtbot):
+    """Background regions (no embedded tile) are left out, not fatal; a class removed from
+    the list is ignored on the next training; probability maps follow the current classifier
+    (kept current when shown, renamed when their class is gone) and so do the Maps scores."""
+    from napari_gpfm.napari._session import session_for
+
+    v, ref = viewer
+    _dock, widget = v.window.add_plugin_dock_widget("napari-gpfm", "ROI classifier")
+    coords, size = embedded["coords"], embedded["size"]
+    (top, bottom), _, _ = _regions(ref, coords, size)
+    ys = np.unique(coords[:, 1])
+    middle = coords[np.isin(coords[:, 1], ys[len(ys) // 2 - 1: len(ys) // 2 + 1])]
+    middle_box = ref.level0_to_data(np.array([middle.min(axis=0) + size * 0.1,
+                                              middle.max(axis=0) + size * 0.9]))
+    glass_box = ref.level0_to_data(np.array([[5.0, 5.0], [150.0, 150.0]]))
+    for name, box in (("upper", top), ("lower", bottom), ("middle", middle_box),
+                      ("glass", glass_box)):
+        widget.add_class(name)
+        widget.rect_button.click()
+        v.layers["training regions"].add_rectangles(box)
+    widget.prob_check.setChecked(True)
+    widget.train_button.click()
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT_MS)
+    assert widget.probe.class_names == ["upper", "lower", "middle"]
+    assert "left out 'glass'" in widget.status.text()
+    assert {f"p({n})" for n in ("upper", "lower", "middle")} <= set(session_for(ref).scores)
+
+    widget.class_list.setCurrentRow(widget.class_names.index("middle"))
+    widget.remove_class_button.click()
+    widget.prob_check.setChecked(False)
+    widget.train_button.click()
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT_MS)
+    assert widget.probe.class_names == ["upper", "lower"]
+    assert "ignored the regions of 'middle'" in widget.status.text()
+    upper = _layer(v, "· p(upper)")  # shown before, so updated though the box is unticked
+    for i in range(0, len(coords), 5):
+        assert _value_at_tile(upper, ref, coords[i], size) == pytest.approx(
+            widget.probabilities[i, 0], abs=1e-6)
+    assert _layer(v, "· p(middle) · previous classifier")
+    assert not any(lay.name.endswith("· p(middle)") for lay in v.layers)
+    scores = session_for(ref).scores
+    assert "p(middle)" not in scores and {"p(upper)", "p(lower)"} <= set(scores)

@@ -229,3 +229,85 @@ def test_embeddings_go_beside_the_slide_unless_it_is_the_bundled_sample(
     assert default_output_dir(slide) == slide.parent / "gpfm-embeddings"
     assert default_output_dir(sample_slide_path) == user_cache_dir()
     assert user_cache_dir() == tmp_path / "cache" / "napari-gpfm" / "embeddings"
+
+
+def test_slide_pixel_size_resolution_and_output_folder(make_napari_viewer_proxy, qtbot,
+                                                       tiny_weights, cache_dir, tmp_path):
+    """A slide that records no pixel size is embedded once the user enters it (the error
+    names the field, not a command-line flag); a resolution finer than the scan is refused in
+    the widget's words; the output folder the user chose survives other slides opening."""
+    from napari.utils.notifications import notification_manager
+    from slide_factory import OME_CROP, he_image, write_pyramid
+
+    messages = []
+    notification_manager.notification_ready.connect(lambda n: messages.append(str(n.message)))
+    path = write_pyramid(tmp_path / "nompp.tif", he_image(640, 640, x=700, y=1900), levels=1,
+                         mpp=None)
+    viewer = make_napari_viewer_proxy()
+    [layer] = viewer.open(str(path), plugin="napari-gpfm")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-gpfm", "Embed")
+    _configure(widget, tiny_weights, batch_size=16)
+    assert widget.slide_picker.current_ref().path == path
+    assert widget.slide_mpp_spin.isEnabled() and widget.slide_mpp_spin.value() == 0
+
+    widget.embed_button.click()
+    assert not widget.is_running
+    assert any("records no pixel size: enter it under Slide pixel size" in m for m in messages)
+    assert not any("--slide-mpp" in m for m in messages)
+
+    widget.slide_mpp_spin.setValue(0.5)
+    widget.mpp_spin.setValue(0.25)
+    widget.embed_button.click()
+    assert not widget.is_running
+    assert any(m.startswith("Resolution 0.25 µm/px is finer than the slide's own 0.5")
+               for m in messages)
+
+    chosen = tmp_path / "my project"
+    widget.out_edit.setText(str(chosen))
+    viewer.open(str(OME_CROP), plugin="napari-gpfm")  # the picker keeps the chosen slide...
+    viewer.layers.selection = {layer}
+    assert widget.slide_picker.current_ref().path == path
+    assert widget.out_edit.text() == str(chosen)  # ...and the folder the user typed
+
+    widget.mpp_spin.setValue(MPP)
+    widget.embed_button.click()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
+    assert widget.last_result.computed > 0, widget.status.text()
+    [store] = chosen.rglob("*.zarr")
+    assert EmbeddingStore.open(store).attrs["slide_mpp"] == 0.5
+
+
+def test_the_encoder_is_checked_when_its_name_is_complete(make_napari_viewer_proxy, qtbot):
+    """Typing a name does not look it up at every keystroke (a timm: name imports torch on
+    the GUI thread); finishing the edit does."""
+    viewer, _slide, widget = _viewer_with_widget(make_napari_viewer_proxy)
+    before = widget.encoder_status.text()
+    assert before.startswith("✓ weights found")  # the embedded default
+    line = widget.encoder_combo.lineEdit()
+    line.clear()
+    qtbot.keyClicks(line, "no-such-enc")
+    assert widget.encoder_status.text() == before
+    line.editingFinished.emit()
+    assert "no-such-enc" in widget.encoder_status.text()
+    assert widget.encoder_status.text().startswith("⚠")
+
+
+def test_other_widgets_say_which_store_a_new_run_switched_to(make_napari_viewer_proxy, qtbot,
+                                                            tiny_weights, cache_dir):
+    """An Embed run of another tiling makes the widgets use its store; their store line says
+    so (it kept naming the previous store while Maps computed on the new one)."""
+    viewer, slide, widget = _viewer_with_widget(make_napari_viewer_proxy)
+    _dock, maps = viewer.window.add_plugin_dock_widget("napari-gpfm", "Maps")
+    _configure(widget, tiny_weights, batch_size=64)
+    widget.embed_button.click()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
+    first = session_for(SlideRef.from_layer(slide)).store_path
+    assert maps.store_row.label.toolTip() == str(first)
+
+    widget.tile_spin.setValue(READ * 2)
+    widget.embed_button.click()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
+    second = session_for(SlideRef.from_layer(slide)).store_path
+    assert second != first
+    assert maps.store_row.label.toolTip() == str(second)
+    assert f"{widget.last_result.total} tiles (complete)" in maps.store_row.label.text()

@@ -135,8 +135,15 @@ class Roi:
             ring = ring[:-1]
         if not np.all(np.isfinite(ring)):
             raise ParameterError("polygon ROI vertices must be finite numbers")
-        if len(np.unique(ring, axis=0)) < 3:
-            raise ParameterError(f"polygon ROI needs at least 3 distinct vertices, got {len(ring)}")
+        distinct = len(np.unique(ring, axis=0))
+        x, y = ring[:, 0], ring[:, 1]
+        area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+        if distinct < 3 or area == 0.0:
+            shape = "it is a single point" if distinct == 1 else (
+                f"its {distinct} distinct vertices lie on a line")
+            raise ParameterError(
+                f"the region has no area ({shape}): draw it by dragging over the slide"
+            )
         return cls("polygon", ring)
 
     @classmethod

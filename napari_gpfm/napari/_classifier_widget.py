@@ -75,6 +75,7 @@ class ClassifierWidget(QWidget):
         self.predicted: np.ndarray | None = None
         self.tiles: TileSet | None = None
         self.class_colours: dict[str, str] = {}
+        self._notes: list[str] = []  # what the last training left out, for the status line
 
         self.slide_picker = SlidePicker(viewer)
         self.store_row = StoreRow(self.slide_picker)
@@ -316,22 +317,32 @@ class ClassifierWidget(QWidget):
         if self.is_busy:
             return
         tiles = self.slide_picker.session().tiles()
+        listed = self.class_names
         regions = self._labelled_regions(tiles.ref)
+        unlisted = sorted({name for _, name in regions} - set(listed))
+        regions = [(p, name) for p, name in regions if name in listed]
         keep, labels = labels_from_rois(
             tiles.coords, tiles.tile_size_l0, [(Roi.polygon(p), name) for p, name in regions]
         )
-        used = [n for n in self.class_names if n in set(labels.tolist())]
-        missing = sorted({name for _, name in regions} - set(used))
-        if missing:
-            raise ParameterError(
-                f"the regions of class {', '.join(repr(m) for m in missing)} hold no embedded "
-                "tissue tile; draw them over tissue (a tile counts when its centre is inside)"
+        used = [n for n in listed if n in set(labels.tolist())]
+        empty = sorted({name for _, name in regions} - set(used))
+        notes = []
+        if empty:
+            notes.append(
+                f"left out {', '.join(repr(m) for m in empty)}: no embedded tile has its centre "
+                "in those regions (only tissue is embedded, so background regions hold none)"
             )
+        if unlisted:
+            notes.append(f"ignored the regions of {', '.join(repr(m) for m in unlisted)} "
+                         "(removed from the class list)")
         if len(used) < 2:
+            have = f"only {used[0]!r} has" if used else "no class has"
             raise ParameterError(
-                f"a classifier needs regions of at least 2 classes; only {used[0]!r} has "
-                "regions: add another class and draw it"
+                f"a classifier needs at least 2 classes with embedded tiles in their regions; "
+                f"{have} them: draw regions of another class over tissue"
+                + "".join(f"; {note}" for note in notes)
             )
+        self._notes = notes
         probe = LinearProbe(
             class_names=used,
             colours=[self.class_colours[n] for n in used],
@@ -367,6 +378,7 @@ class ClassifierWidget(QWidget):
         session = self.slide_picker.session()
         pred = np.argmax(probs, axis=1).astype(np.int64)
         names = list(probe.class_names)
+        self._retire_probability_maps(session, tiles, names)
         colours = [rgb_to_hex(c) for c in probe.colours]
         for name, colour in zip(names, colours, strict=True):
             if name not in self.class_colours:
@@ -381,7 +393,8 @@ class ClassifierWidget(QWidget):
         for i, name in enumerate(names):
             session.publish_score(f"p({name})", probs[:, i], tiles, "classifier probability")
             layer_name = f"{tiles.ref.name} · p({name})"
-            if self.prob_check.isChecked():
+            shown = any(lay.name == layer_name for lay in self.viewer.layers)
+            if self.prob_check.isChecked() or shown:  # a map already shown is kept current
                 place_layer(
                     self.viewer,
                     score_layer(tiles, probs[:, i], layer_name, "probability", f"p({name})",
@@ -397,7 +410,23 @@ class ClassifierWidget(QWidget):
         self.cv_label.setText(_cv_text(probe))
         partial = " (embedding not finished: only embedded tiles are mapped)" if tiles.is_partial \
             else ""
-        self.status.setText(f"Mapped {len(tiles)} tiles into {len(names)} classes{partial}")
+        notes = "".join(f"; {note}" for note in self._notes)
+        self._notes = []
+        self.status.setText(f"Mapped {len(tiles)} tiles into {len(names)} classes{partial}{notes}")
+
+    def _retire_probability_maps(self, session: Any, tiles: TileSet, names: list[str]) -> None:
+        """Scores and maps of classes the new classifier lacks: dropped from the session (Maps
+        no longer offers them) and their layers renamed, not removed (a hidden layer's removal
+        can crash napari on llvmpipe; see _overlays.place_layer)."""
+        prefix = f"{tiles.ref.name} · p("
+        for key in [k for k, score in session.scores.items()
+                    if score.description == "classifier probability"]:
+            if key[2:-1] not in names:
+                del session.scores[key]
+        for layer in list(self.viewer.layers):
+            if layer.name.startswith(prefix) and layer.name.endswith(")") and \
+                    layer.name[len(prefix):-1] not in names:
+                layer.name = f"{layer.name} · previous classifier"
 
     # ------------------------------------------------------------------ save / load / export
     @guarded

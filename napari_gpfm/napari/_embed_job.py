@@ -27,6 +27,7 @@ class EmbedRequest:
     slide_path: Path
     model: str
     weights: Path | None
+    slide_mpp: float | None  # level-0 um/px the user gave a slide that records none
     mpp: float
     read_size: int
     min_tissue: float
@@ -107,7 +108,7 @@ def embed_job(
         model_size=int(encoder.spec.input_size),
         min_tissue=request.min_tissue,
     )
-    slide = _open_cached(request.slide_path)
+    slide = _open_cached(request.slide_path, request.slide_mpp)
     yield JobStage("Finding tissue tiles…")
     grid = make_grid(slide, spec)
     store_path = default_store_path(request.out_dir, slide, encoder.spec.name, spec)

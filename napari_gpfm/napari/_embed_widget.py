@@ -42,6 +42,7 @@ from napari_gpfm.napari._qt_common import (
 )
 from napari_gpfm.napari._session import (
     OVERLAY_KEY,
+    STORE_CHANGED,
     SlideRef,
     default_output_dir,
     session_for,
@@ -84,6 +85,8 @@ class EmbedWidget(QWidget):
         self._t0 = 0.0
         self._events: collections.deque = collections.deque()
         self._draining = False
+        self._shown_slide: Path | None = None
+        self._checked_encoder: str | None = None
 
         self.slide_picker = SlidePicker(viewer)
         self.encoder_combo = QComboBox()
@@ -103,6 +106,12 @@ class EmbedWidget(QWidget):
         self.mpp_spin.setSuffix(" µm/px")
         self.mpp_spin.setValue(0.5)
         self.mpp_spin.setToolTip("Resolution the tiles are read at (0.5 µm/px is about 20x)")
+        self.slide_mpp_spin = QDoubleSpinBox()
+        self.slide_mpp_spin.setRange(0.0, 100.0)
+        self.slide_mpp_spin.setDecimals(4)
+        self.slide_mpp_spin.setSingleStep(0.25)
+        self.slide_mpp_spin.setSuffix(" µm/px")
+        self.slide_mpp_spin.setSpecialValueText("not recorded: enter it")
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(16, 4096)
         self.tile_spin.setValue(256)
@@ -134,6 +143,7 @@ class EmbedWidget(QWidget):
         form.addRow("Encoder", self.encoder_combo)
         form.addRow("", self.encoder_status)
         form.addRow("Weights", _row(self.weights_edit, self.weights_button))
+        form.addRow("Slide pixel size", self.slide_mpp_spin)
         form.addRow("Resolution", self.mpp_spin)
         form.addRow("Tile size", self.tile_spin)
         form.addRow("Min. tissue", self.tissue_spin)
@@ -148,7 +158,10 @@ class EmbedWidget(QWidget):
         layout.addStretch(1)
 
         self._fill_encoders()
-        self.encoder_combo.currentTextChanged.connect(lambda _t: self._encoder_changed())
+        # Checked when a name is picked or typed in full, not on every keystroke: a
+        # timm:<arch> name imports timm and torch (seconds, on the GUI thread, the first time).
+        self.encoder_combo.currentIndexChanged.connect(lambda _i: self._encoder_changed())
+        self.encoder_combo.lineEdit().editingFinished.connect(lambda: self._encoder_changed())
         self.slide_picker.slide_changed.connect(self._slide_changed)
         self.weights_button.clicked.connect(lambda: self._browse_weights())
         self.weights_edit.editingFinished.connect(lambda: self._show_weights_status())
@@ -190,6 +203,10 @@ class EmbedWidget(QWidget):
 
     def _encoder_changed(self) -> None:
         """A new encoder: its native tiling becomes the default, and its weights are looked up."""
+        name = self.encoder_combo.currentText().strip()
+        if name == self._checked_encoder:
+            return
+        self._checked_encoder = name
         spec = self._encoder_spec()
         if spec is None:
             return
@@ -215,8 +232,18 @@ class EmbedWidget(QWidget):
 
     def _slide_changed(self) -> None:
         ref = self.slide_picker.current_ref()
-        if ref is not None:
-            self.out_edit.setText(str(default_output_dir(ref.path)))
+        if ref is None or ref.path == self._shown_slide:
+            return  # the layer list changed, not the slide: keep what the user chose
+        self._shown_slide = ref.path
+        self.out_edit.setText(str(default_output_dir(ref.path)))
+        # A slide's own pixel size is shown, not edited; one that records none must be given.
+        self.slide_mpp_spin.setEnabled(ref.mpp is None)
+        self.slide_mpp_spin.setValue(ref.mpp or 0.0)
+        self.slide_mpp_spin.setToolTip(
+            "Recorded in the slide file" if ref.mpp is not None else
+            "This file records no pixel size: enter the scan's microns per pixel "
+            "(about 0.25 for 40x, 0.5 for 20x scans)"
+        )
 
     def _browse_weights(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
@@ -244,11 +271,26 @@ class EmbedWidget(QWidget):
         out_text = self.out_edit.text().strip()
         if not out_text:
             raise ParameterError("choose an output folder for the embeddings")
+        slide_mpp = ref.mpp if ref.mpp is not None else float(self.slide_mpp_spin.value())
+        if not slide_mpp:
+            raise ParameterError(
+                f"{ref.name} records no pixel size: enter it under Slide pixel size (about "
+                "0.25 µm/px for 40x, 0.5 for 20x scans)"
+            )
+        from napari_gpfm.tiling.grid import MAX_UPSAMPLING
+
+        mpp = float(self.mpp_spin.value())
+        if mpp * MAX_UPSAMPLING < slide_mpp:
+            raise ParameterError(
+                f"Resolution {mpp:g} µm/px is finer than the slide's own {slide_mpp:g} µm/px: "
+                f"choose {slide_mpp:g} or coarser"
+            )
         return EmbedRequest(
             slide_path=ref.path,
             model=model,
             weights=weights,
-            mpp=float(self.mpp_spin.value()),
+            slide_mpp=None if ref.mpp is not None else slide_mpp,
+            mpp=mpp,
             read_size=int(self.tile_spin.value()),
             min_tissue=float(self.tissue_spin.value()),
             device=self.device_combo.currentText(),
@@ -433,6 +475,9 @@ class EmbedWidget(QWidget):
         if self._started is not None:
             store = self._started.store_path
             self._sync_with_store(store)
+            ref = self._job_ref()
+            if ref is not None:
+                STORE_CHANGED.emit(ref.fingerprint)  # the other widgets' store lines
             self._paint_progress()
             seconds = time.perf_counter() - self._t0
             if self._failure is not None:
@@ -512,6 +557,7 @@ class EmbedWidget(QWidget):
             kwargs["units"] = ("um", "um")
         self._paint_cells()
         self.progress_layer = place_layer(self.viewer, (self._rgba.copy(), kwargs, "image"))
+        self.progress_layer.visible = True  # a finished run hid it; this run shows its progress
         self._last_paint = time.perf_counter()
 
     def _paint_cells(self) -> None:

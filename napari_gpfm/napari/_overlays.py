@@ -241,9 +241,18 @@ def tile_boxes_layer(
     return rects, kwargs, "shapes"
 
 
-def place_layer(viewer: Any, layer_data: LayerData) -> Any:
-    """Add a result layer, replacing one of the same name (a rerun updates it in place).
+# Layer state a rerun must not change: identity, what the user chose, and read-only attributes.
+_KEPT_STATE = frozenset({"name", "visible", "multiscale", "rgb", "ndim", "properties",
+                         "property_choices"})
 
+
+def place_layer(viewer: Any, layer_data: LayerData) -> Any:
+    """Add a result layer, or give the layer of the same name the new result (a rerun).
+
+    A rerun updates that layer in place (same position in the list, same visibility) rather
+    than removing it and inserting a new one: removing a hidden layer crashes napari's OpenGL
+    on Mesa's software renderer (llvmpipe, every machine without a GPU driver), and users hide
+    result layers. Only a layer of another type (or RGB-ness) of that name is replaced.
     New maps go below the drawing layers (Shapes, Points) so the user's regions stay visible
     on top; new Shapes results go on top.
     """
@@ -255,6 +264,8 @@ def place_layer(viewer: Any, layer_data: LayerData) -> Any:
     layers = list(viewer.layers)
     old = next((lay for lay in layers if lay.name == name), None)
     if old is not None:
+        if _update_in_place(old, layer):
+            return old
         index = layers.index(old)
         layer.visible = old.visible
         viewer.layers.remove(old)
@@ -267,3 +278,17 @@ def place_layer(viewer: Any, layer_data: LayerData) -> Any:
             return layer
     viewer.add_layer(layer)
     return layer
+
+
+def _update_in_place(old: Any, new: Any) -> bool:
+    """Give ``old`` the data and every setting of ``new``; False when their kinds differ."""
+    if type(old) is not type(new) or getattr(old, "rgb", None) != getattr(new, "rgb", None):
+        return False
+    if old.ndim != new.ndim:
+        return False
+    data, state, _ = new.as_layer_data_tuple()
+    old.data = data
+    for key, value in state.items():
+        if key not in _KEPT_STATE:
+            setattr(old, key, value)
+    return True

@@ -23,7 +23,13 @@ from qtpy.QtWidgets import (
 )
 
 from napari_gpfm.errors import GPFMError, ParameterError
-from napari_gpfm.napari._session import SlideRef, SlideSession, session_for, slide_layers
+from napari_gpfm.napari._session import (
+    STORE_CHANGED,
+    SlideRef,
+    SlideSession,
+    session_for,
+    slide_layers,
+)
 
 NO_SLIDE = (
     "open a slide first: File > Open Sample > napari-gpfm, or drop a slide file "
@@ -162,7 +168,16 @@ class StoreRow(QWidget):
         )
         self.choose_button.clicked.connect(lambda: self._choose())
         picker.slide_changed.connect(self.refresh)
+        STORE_CHANGED.connect(self._store_changed)  # a weak reference: no disconnect needed
         self.refresh()
+
+    def _store_changed(self, fingerprint: str) -> None:
+        try:
+            ref = self.picker.current_ref()
+            if ref is not None and ref.fingerprint == fingerprint:
+                self.refresh()
+        except RuntimeError:  # this row's Qt object is gone (its dock was closed)
+            STORE_CHANGED.disconnect(self._store_changed)
 
     def refresh(self) -> None:
         """Show which store the chosen slide uses (discovering one if none was chosen)."""

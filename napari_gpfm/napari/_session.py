@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from psygnal import SignalInstance
 
 from napari_gpfm.errors import ParameterError, StoreError
 
@@ -322,13 +323,16 @@ class SlideSession:
                 f"({attrs.get('slide_name') or 'unknown'}, different content fingerprint), not "
                 f"{self.ref.name}; choose this slide's store or embed this slide"
             )
-        if self.store_path is None or Path(self.store_path).resolve() != path.resolve():
+        switched = self.store_path is None or Path(self.store_path).resolve() != path.resolve()
+        if switched:
             self.scores.clear()
             self._tiles = None
             self._tiles_key = None
         self.store_path = path
         info = read_store_info(path)
         assert info is not None  # open() above checked the format
+        if switched:
+            STORE_CHANGED.emit(self.ref.fingerprint)
         return info
 
     def current_store(self) -> StoreInfo | None:
@@ -400,6 +404,10 @@ class SlideSession:
 
 
 _SESSIONS: dict[str, SlideSession] = {}
+# Emitted with the slide's fingerprint when a session starts using another store (e.g. an
+# Embed run of another tiling) or an Embed run of its store ends, so that every widget's store
+# line says which store is in use and how far it is.
+STORE_CHANGED = SignalInstance((str,))
 
 
 def session_for(ref: SlideRef) -> SlideSession:
