@@ -474,3 +474,30 @@ def test_classifier_leaves_out_empty_and_removed_classes_and_retires_their_maps(
     assert not any(lay.name.endswith("· p(middle)") for lay in v.layers)
     scores = session_for(ref).scores
     assert "p(middle)" not in scores and {"p(upper)", "p(lower)"} <= set(scores)
+
+
+def test_cluster_table_follows_the_slide_and_an_all_covering_query_explains_itself(
+        viewer, embedded, qtbot):
+    from slide_factory import OME_CROP
+
+    v, ref = viewer
+    _dock, maps = v.window.add_plugin_dock_widget("napari-gpfm", "Maps")
+    maps.k_spin.setValue(3)
+    maps.cluster_button.click()
+    qtbot.waitUntil(lambda: not maps.is_busy, timeout=TIMEOUT_MS)
+    assert maps.cluster_table.rowCount() == 3
+    v.open(str(OME_CROP), plugin="napari-gpfm")  # a layer-list change: the table stays
+    assert maps.slide_picker.current_ref().fingerprint == ref.fingerprint
+    assert maps.cluster_table.rowCount() == 3
+    maps.slide_picker.setCurrentIndex(maps.slide_picker.findText(OME_CROP.name))
+    assert maps.slide_picker.current_ref().fingerprint != ref.fingerprint
+    assert maps.cluster_table.rowCount() == 0 and maps.last_clusters is None
+
+    _dock, similar = v.window.add_plugin_dock_widget("napari-gpfm", "Similar regions")
+    similar.slide_picker.setCurrentIndex(similar.slide_picker.findText(ref.name))
+    similar.box_button.click()
+    w, h = ref.dims
+    v.layers["similarity query"].add_rectangles(ref.level0_to_data(np.array([[0, 0], [w, h]])))
+    similar.search_button.click()
+    assert len(similar.last_result) == 0
+    assert "untick 'Leave out the query's own tiles'" in similar.status.text()

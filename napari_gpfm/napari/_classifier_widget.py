@@ -316,6 +316,7 @@ class ClassifierWidget(QWidget):
 
         if self.is_busy:
             return
+        self.status.setText("")  # a refusal below is a notification; no stale line stays
         tiles = self.slide_picker.session().tiles()
         listed = self.class_names
         regions = self._labelled_regions(tiles.ref)

@@ -33,6 +33,7 @@ from napari_gpfm.napari._qt_common import (
     make_table,
     run_task,
 )
+from napari_gpfm.napari._session import session_for
 
 if TYPE_CHECKING:
     import napari
@@ -60,6 +61,7 @@ class MapsWidget(QWidget):
         self.viewer = viewer
         self.worker: Any = None
         self.last_clusters: Any = None
+        self._clusters_of: tuple[str, str] | None = None  # (slide, store) of the cluster table
 
         self.slide_picker = SlidePicker(viewer)
         self.store_row = StoreRow(self.slide_picker)
@@ -120,8 +122,24 @@ class MapsWidget(QWidget):
         self.cluster_button.clicked.connect(lambda: self.show_clusters())
         self.score_button.clicked.connect(lambda: self.show_score())
         self.slide_picker.slide_changed.connect(self.refresh_scores)
+        self.slide_picker.slide_changed.connect(self._forget_clusters)
         self.store_row.store_changed.connect(self.refresh_scores)
+        self.store_row.store_changed.connect(self._forget_clusters)
         self.refresh_scores()
+
+    def _forget_clusters(self) -> None:
+        """The cluster table describes one slide's store: clear it when either changes."""
+        shown = self.last_clusters is not None and self._clusters_of != self._current_source()
+        if shown:
+            self.cluster_table.setRowCount(0)
+            self.last_clusters = None
+
+    def _current_source(self) -> tuple[str, str] | None:
+        ref = self.slide_picker.current_ref()
+        if ref is None:
+            return None
+        info = session_for(ref).current_store()
+        return (ref.fingerprint, str(info.path) if info is not None else "")
 
     @property
     def is_busy(self) -> bool:
@@ -193,6 +211,7 @@ class MapsWidget(QWidget):
                 swatches=colours,
             )
             self.last_clusters = result
+            self._clusters_of = self._current_source()
             partial = (
                 " (embedding not finished: areas cover the tiles done)" if tiles.is_partial else ""
             )
@@ -210,8 +229,6 @@ class MapsWidget(QWidget):
         self.score_combo.clear()
         names: list[str] = []
         if ref is not None:
-            from napari_gpfm.napari._session import session_for
-
             names = [s.name for s in session_for(ref).current_scores()]
         if names:
             self.score_combo.addItems(names)

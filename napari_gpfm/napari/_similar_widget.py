@@ -311,9 +311,12 @@ class SimilarWidget(QWidget):
         self.last_result = result
         self.last_tiles = tiles
         partial = " (embedding not finished)" if tiles.is_partial else ""
+        nothing_left = (" (the query covers every tile and its own tiles are left out: untick "
+                        "'Leave out the query's own tiles' or draw a smaller query)"
+                        if len(result) == 0 else "")
         self.status.setText(
             f"Query: {len(result.query_indices)} tile(s) from {description}; "
-            f"top {len(result)} of {len(tiles)} tiles shown{partial}"
+            f"top {len(result)} of {len(tiles)} tiles shown{partial}{nothing_left}"
         )
 
     @guarded
