@@ -501,3 +501,22 @@ def test_cluster_table_follows_the_slide_and_an_all_covering_query_explains_itse
     similar.search_button.click()
     assert len(similar.last_result) == 0
     assert "untick 'Leave out the query's own tiles'" in similar.status.text()
+
+
+def test_the_repository_labels_train_from_the_reader(viewer, embedded, qtbot, messages):
+    """data/labels/cmu1_regions.geojson read into the viewer becomes the training layer (a
+    'training regions' layer already exists) and trains, its glass-only background left out."""
+    from pathlib import Path
+
+    v, ref = viewer
+    _dock, widget = v.window.add_plugin_dock_widget("napari-gpfm", "ROI classifier")
+    widget.new_regions_layer()
+    labels = Path(__file__).resolve().parents[1] / "data" / "labels" / "cmu1_regions.geojson"
+    [layer] = v.open(str(labels), plugin="napari-gpfm")
+    assert widget.layer_combo.currentText() == layer.name
+    widget.train_button.click()
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT_MS)
+    assert widget.probe is not None, messages
+    assert {"dermis", "epidermis"} <= set(widget.probe.class_names)
+    assert "background" not in widget.probe.class_names
+    assert "left out 'background'" in widget.status.text()

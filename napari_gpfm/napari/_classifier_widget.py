@@ -152,7 +152,11 @@ class ClassifierWidget(QWidget):
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
         self.layer_combo.addItems(names)
-        if current in names:
+        added = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        if added is not None and added.name in names and len(added.data) and \
+                "class" in getattr(added, "features", {}):
+            self.layer_combo.setCurrentText(added.name)  # e.g. annotations just read from GeoJSON
+        elif current in names:
             self.layer_combo.setCurrentText(current)
         elif REGIONS_LAYER in names:
             self.layer_combo.setCurrentText(REGIONS_LAYER)
@@ -318,8 +322,8 @@ class ClassifierWidget(QWidget):
             return
         self.status.setText("")  # a refusal below is a notification; no stale line stays
         tiles = self.slide_picker.session().tiles()
+        regions = self._labelled_regions(tiles.ref)  # adds classes first seen in the layer
         listed = self.class_names
-        regions = self._labelled_regions(tiles.ref)
         unlisted = sorted({name for _, name in regions} - set(listed))
         regions = [(p, name) for p, name in regions if name in listed]
         keep, labels = labels_from_rois(
