@@ -115,6 +115,7 @@ def test_bad_rois_raise_parameter_errors():
         Roi.polygon([(5, 5)] * 4)  # a box drawn with a click instead of a drag
     with pytest.raises(ParameterError, match="its 3 distinct vertices lie on a line"):
         Roi.polygon([(0, 0), (5, 5), (10, 10), (0, 0)])
+    assert Roi.polygon([(0, 0), (10, 10), (10, 0), (0, 10)])  # a bow-tie: signed area 0
     with pytest.raises(ParameterError, match="shape"):
         Roi.coerce(np.zeros((2, 3)))
     with pytest.raises(ParameterError, match="coords"):

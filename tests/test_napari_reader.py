@@ -62,3 +62,16 @@ def test_open_slide_by_path_uses_our_reader(make_napari_viewer_proxy, sample_sli
     viewer = make_napari_viewer_proxy()
     layers = viewer.open(str(sample_slide_path), plugin="napari-gpfm")
     assert layers[0].data[0].shape == (2967, 2220, 3)
+
+
+def test_a_corrected_pixel_size_reopens_the_slide(tmp_path):
+    """The Embed job opens slides through the reader's cache: a second, different pixel size
+    typed for a file that records none must reach the job (it kept the first one)."""
+    from slide_factory import he_image, write_pyramid
+
+    from napari_gpfm.napari._reader import _open_cached
+
+    path = write_pyramid(tmp_path / "nompp.tif", he_image(256, 256), levels=1, mpp=None)
+    assert _open_cached(path, 0.5).mpp == 0.5
+    assert _open_cached(path, 0.25).mpp == 0.25
+    assert _open_cached(path).mpp == 0.25  # no value given: the cached slide is reused

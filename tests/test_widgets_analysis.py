@@ -496,10 +496,18 @@ def test_cluster_table_follows_the_slide_and_an_all_covering_query_explains_itse
     _dock, similar = v.window.add_plugin_dock_widget("napari-gpfm", "Similar regions")
     similar.slide_picker.setCurrentIndex(similar.slide_picker.findText(ref.name))
     similar.box_button.click()
-    w, h = ref.dims
-    v.layers["similarity query"].add_rectangles(ref.level0_to_data(np.array([[0, 0], [w, h]])))
+    box, _inside = _query_box(ref, embedded["coords"], embedded["size"], [0, 1])
+    query = v.layers["similarity query"]
+    query.add_rectangles(box)
     similar.search_button.click()
-    assert len(similar.last_result) == 0
+    boxes = _layer(v, "· similar tiles")
+    assert len(boxes.data) == len(similar.last_result) > 0
+    query.data = []  # the next query covers the whole slide: no tile is left to show
+    w, h = ref.dims
+    query.add_rectangles(ref.level0_to_data(np.array([[0, 0], [w, h]])))
+    similar.search_button.click()
+    assert len(similar.last_result) == 0 and len(boxes.data) == 0
+    assert _layer(v, "· similar tiles") is boxes
     assert "untick 'Leave out the query's own tiles'" in similar.status.text()
 
 

@@ -256,6 +256,12 @@ def test_slide_pixel_size_resolution_and_output_folder(make_napari_viewer_proxy,
     assert not any("--slide-mpp" in m for m in messages)
 
     widget.slide_mpp_spin.setValue(0.5)
+    picker = widget.slide_picker
+    viewer.open(str(OME_CROP), plugin="napari-gpfm")
+    picker.setCurrentIndex(picker.findText(OME_CROP.name))
+    assert not widget.slide_mpp_spin.isEnabled()  # the crop records 0.2271
+    picker.setCurrentIndex(picker.findText(path.name))
+    assert widget.slide_mpp_spin.value() == 0.5  # what the user entered is kept
     widget.mpp_spin.setValue(0.25)
     widget.embed_button.click()
     assert not widget.is_running
@@ -264,10 +270,9 @@ def test_slide_pixel_size_resolution_and_output_folder(make_napari_viewer_proxy,
 
     chosen = tmp_path / "my project"
     widget.out_edit.setText(str(chosen))
-    viewer.open(str(OME_CROP), plugin="napari-gpfm")  # the picker keeps the chosen slide...
-    viewer.layers.selection = {layer}
+    viewer.add_points([[10.0, 10.0]])  # the layer list changes, the slide does not...
     assert widget.slide_picker.current_ref().path == path
-    assert widget.out_edit.text() == str(chosen)  # ...and the folder the user typed
+    assert widget.out_edit.text() == str(chosen)  # ...so the folder the user typed stays
 
     widget.mpp_spin.setValue(MPP)
     widget.embed_button.click()
@@ -303,6 +308,10 @@ def test_other_widgets_say_which_store_a_new_run_switched_to(make_napari_viewer_
     qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
     first = session_for(SlideRef.from_layer(slide)).store_path
     assert maps.store_row.label.toolTip() == str(first)
+    maps.k_spin.setValue(2)
+    maps.cluster_button.click()
+    qtbot.waitUntil(lambda: not maps.is_busy, timeout=TIMEOUT_MS)
+    assert maps.cluster_table.rowCount() == 2
 
     widget.tile_spin.setValue(READ * 2)
     widget.embed_button.click()
@@ -311,3 +320,4 @@ def test_other_widgets_say_which_store_a_new_run_switched_to(make_napari_viewer_
     assert second != first
     assert maps.store_row.label.toolTip() == str(second)
     assert f"{widget.last_result.total} tiles (complete)" in maps.store_row.label.text()
+    assert maps.cluster_table.rowCount() == 0  # it described the previous store

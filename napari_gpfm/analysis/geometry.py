@@ -136,9 +136,8 @@ class Roi:
         if not np.all(np.isfinite(ring)):
             raise ParameterError("polygon ROI vertices must be finite numbers")
         distinct = len(np.unique(ring, axis=0))
-        x, y = ring[:, 0], ring[:, 1]
-        area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-        if distinct < 3 or area == 0.0:
+        # Collinear vertices span no area (a bow-tie's signed area is 0 yet it covers some).
+        if distinct < 3 or np.linalg.matrix_rank(ring - ring.mean(axis=0)) < 2:
             shape = "it is a single point" if distinct == 1 else (
                 f"its {distinct} distinct vertices lie on a line")
             raise ParameterError(

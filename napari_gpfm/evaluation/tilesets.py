@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CSV_COLUMNS = ("slide", "x", "y", "w", "h", "label")
-# Reading finer than the scan would invent detail (same margin as the tiling's rule).
-MAX_UPSAMPLING = 1.10
-
-
 @dataclass(frozen=True, eq=False)
 class TileSet:
     """Labelled tiles ready for feature extraction.
@@ -172,9 +168,10 @@ def _check_mpp(mpp: float) -> float:
 
 def _open_slide_at(path: Path, mpp: float, slide_mpp: float | None) -> Slide:
     from napari_gpfm.slides import open_slide
+    from napari_gpfm.tiling.grid import upsamples
 
     slide = open_slide(path, default_mpp=slide_mpp)
-    if mpp * MAX_UPSAMPLING < slide.mpp:
+    if upsamples(slide.mpp, mpp):
         slide.close()
         raise ParameterError(
             f"--mpp {mpp} is finer than {path.name}'s scan ({slide.mpp:.3f} um/px); reading it "

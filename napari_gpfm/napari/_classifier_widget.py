@@ -75,7 +75,6 @@ class ClassifierWidget(QWidget):
         self.predicted: np.ndarray | None = None
         self.tiles: TileSet | None = None
         self.class_colours: dict[str, str] = {}
-        self._notes: list[str] = []  # what the last training left out, for the status line
 
         self.slide_picker = SlidePicker(viewer)
         self.store_row = StoreRow(self.slide_picker)
@@ -347,7 +346,6 @@ class ClassifierWidget(QWidget):
                 f"{have} them: draw regions of another class over tissue"
                 + "".join(f"; {note}" for note in notes)
             )
-        self._notes = notes
         probe = LinearProbe(
             class_names=used,
             colours=[self.class_colours[n] for n in used],
@@ -362,7 +360,7 @@ class ClassifierWidget(QWidget):
         self._start(f"Training on {len(keep)} labelled tiles…")
         self.worker = run_task(
             fit_and_predict,
-            on_result=lambda r: self._show(r[0], r[1], tiles),
+            on_result=lambda r: self._show(r[0], r[1], tiles, notes),
             on_finished=self._finished,
         )
 
@@ -376,7 +374,8 @@ class ClassifierWidget(QWidget):
         for button in (self.train_button, self.load_button, self.save_button, self.export_button):
             button.setEnabled(True)
 
-    def _show(self, probe: Any, probs: np.ndarray, tiles: TileSet) -> None:
+    def _show(self, probe: Any, probs: np.ndarray, tiles: TileSet,
+              notes: tuple[str, ...] | list[str] = ()) -> None:
         from napari_gpfm.analysis.classify import area_table
         from napari_gpfm.analysis.colours import rgb_to_hex
 
@@ -415,9 +414,8 @@ class ClassifierWidget(QWidget):
         self.cv_label.setText(_cv_text(probe))
         partial = " (embedding not finished: only embedded tiles are mapped)" if tiles.is_partial \
             else ""
-        notes = "".join(f"; {note}" for note in self._notes)
-        self._notes = []
-        self.status.setText(f"Mapped {len(tiles)} tiles into {len(names)} classes{partial}{notes}")
+        said = "".join(f"; {note}" for note in notes)
+        self.status.setText(f"Mapped {len(tiles)} tiles into {len(names)} classes{partial}{said}")
 
     def _retire_probability_maps(self, session: Any, tiles: TileSet, names: list[str]) -> None:
         """Scores and maps of classes the new classifier lacks: dropped from the session (Maps

@@ -87,6 +87,7 @@ class EmbedWidget(QWidget):
         self._draining = False
         self._shown_slide: Path | None = None
         self._checked_encoder: str | None = None
+        self._entered_mpp: dict[Path, float] = {}  # slide pixel sizes the user typed
 
         self.slide_picker = SlidePicker(viewer)
         self.encoder_combo = QComboBox()
@@ -206,20 +207,22 @@ class EmbedWidget(QWidget):
         name = self.encoder_combo.currentText().strip()
         if name == self._checked_encoder:
             return
-        self._checked_encoder = name
         spec = self._encoder_spec()
         if spec is None:
+            self._checked_encoder = None
             return
         self.mpp_spin.setValue(float(spec.native_mpp))
         self.tile_spin.setValue(int(spec.native_read_size))
-        self._show_weights_status(spec)
+        # Remembered only once its weights are found: picking it again looks for them again.
+        self._checked_encoder = name if self._show_weights_status(spec) else None
 
-    def _show_weights_status(self, spec: Any = None) -> None:
+    def _show_weights_status(self, spec: Any = None) -> bool:
+        """Say where the encoder's weights come from; False when they were not found."""
         from napari_gpfm.encoders import find_weights
 
         spec = spec if spec is not None else self._encoder_spec()
         if spec is None:
-            return
+            return False
         found = find_weights(spec)
         if self.weights_edit.text().strip():
             self.encoder_status.setText("✓ using the weights file below")
@@ -229,16 +232,21 @@ class EmbedWidget(QWidget):
             self.encoder_status.setText(
                 f"✗ weights not found ({', '.join(spec.weights_filenames)}): choose the file below"
             )
+            return False
+        return True
 
     def _slide_changed(self) -> None:
         ref = self.slide_picker.current_ref()
         if ref is None or ref.path == self._shown_slide:
             return  # the layer list changed, not the slide: keep what the user chose
+        if self._shown_slide is not None and self.slide_mpp_spin.isEnabled():
+            self._entered_mpp[self._shown_slide] = float(self.slide_mpp_spin.value())
         self._shown_slide = ref.path
         self.out_edit.setText(str(default_output_dir(ref.path)))
-        # A slide's own pixel size is shown, not edited; one that records none must be given.
+        # A slide's own pixel size is shown, not edited; one that records none must be given
+        # (and what the user entered for it is kept while they look at other slides).
         self.slide_mpp_spin.setEnabled(ref.mpp is None)
-        self.slide_mpp_spin.setValue(ref.mpp or 0.0)
+        self.slide_mpp_spin.setValue(ref.mpp or self._entered_mpp.get(ref.path, 0.0))
         self.slide_mpp_spin.setToolTip(
             "Recorded in the slide file" if ref.mpp is not None else
             "This file records no pixel size: enter the scan's microns per pixel "
@@ -271,16 +279,17 @@ class EmbedWidget(QWidget):
         out_text = self.out_edit.text().strip()
         if not out_text:
             raise ParameterError("choose an output folder for the embeddings")
+        from napari_gpfm.slides import is_pixel_size
+        from napari_gpfm.tiling.grid import upsamples
+
         slide_mpp = ref.mpp if ref.mpp is not None else float(self.slide_mpp_spin.value())
-        if not slide_mpp:
+        if not is_pixel_size(slide_mpp):
             raise ParameterError(
                 f"{ref.name} records no pixel size: enter it under Slide pixel size (about "
                 "0.25 µm/px for 40x, 0.5 for 20x scans)"
             )
-        from napari_gpfm.tiling.grid import MAX_UPSAMPLING
-
         mpp = float(self.mpp_spin.value())
-        if mpp * MAX_UPSAMPLING < slide_mpp:
+        if upsamples(slide_mpp, mpp):
             raise ParameterError(
                 f"Resolution {mpp:g} µm/px is finer than the slide's own {slide_mpp:g} µm/px: "
                 f"choose {slide_mpp:g} or coarser"

@@ -241,7 +241,8 @@ def tile_boxes_layer(
     return rects, kwargs, "shapes"
 
 
-# Layer state a rerun must not change: identity, what the user chose, and read-only attributes.
+# Layer state a rerun keeps: the name, whether the user hid the layer, read-only attributes.
+# Everything else (colour map, opacity, ...) is the new result's, as when the layer was new.
 _KEPT_STATE = frozenset({"name", "visible", "multiscale", "rgb", "ndim", "properties",
                          "property_choices"})
 
@@ -289,6 +290,7 @@ def _update_in_place(old: Any, new: Any) -> bool:
     data, state, _ = new.as_layer_data_tuple()
     old.data = data
     for key, value in state.items():
-        if key not in _KEPT_STATE:
+        # An empty Shapes result has no shape types; napari cannot set an empty list of them.
+        if key not in _KEPT_STATE and not (key == "shape_type" and len(data) == 0):
             setattr(old, key, value)
     return True

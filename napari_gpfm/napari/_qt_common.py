@@ -176,6 +176,7 @@ class StoreRow(QWidget):
             ref = self.picker.current_ref()
             if ref is not None and ref.fingerprint == fingerprint:
                 self.refresh()
+                self.store_changed.emit()  # the panel drops what it showed of the old store
         except RuntimeError:  # this row's Qt object is gone (its dock was closed)
             STORE_CHANGED.disconnect(self._store_changed)
 

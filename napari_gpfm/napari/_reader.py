@@ -17,7 +17,7 @@ def _open_cached(path: str | Path, mpp: float | None = None):
 
     key = str(Path(path).resolve())
     slide = _OPEN_SLIDES.get(key)
-    if slide is None or (mpp is not None and slide.mpp_source != "user"):
+    if slide is None or (mpp is not None and (slide.mpp_source != "user" or slide.mpp != mpp)):
         slide = open_slide(path, mpp=mpp)
         _OPEN_SLIDES[key] = slide
     return slide

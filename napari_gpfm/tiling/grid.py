@@ -251,9 +251,14 @@ class TileGrid:
                 f"{self.spec.mpp} um/px = {self.tile_size_l0:.1f} level-0 px, spec {self.spec.id})")
 
 
+def upsamples(slide_mpp: float, target_mpp: float) -> bool:
+    """Whether reading at ``target_mpp`` is finer than the scan by more than the margin."""
+    return target_mpp * MAX_UPSAMPLING < slide_mpp
+
+
 def check_target_mpp(slide_mpp: float, target_mpp: float) -> None:
     """Refuse a target resolution finer than the scan by more than 10% (it would upsample)."""
-    if target_mpp * MAX_UPSAMPLING < slide_mpp:
+    if upsamples(slide_mpp, target_mpp):
         raise ParameterError(
             f"--mpp {target_mpp:g} is finer than the slide's own pixel size {slide_mpp:.4g} um/px: "
             f"tiles would be upsampled, inventing detail; use --mpp {slide_mpp:.3g} or coarser"
