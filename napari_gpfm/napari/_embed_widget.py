@@ -206,23 +206,23 @@ class EmbedWidget(QWidget):
         """A new encoder: its native tiling becomes the default, and its weights are looked up."""
         name = self.encoder_combo.currentText().strip()
         if name == self._checked_encoder:
+            self._show_weights_status()  # the same one again: only look for its weights again
             return
         spec = self._encoder_spec()
+        self._checked_encoder = None if spec is None else name
         if spec is None:
-            self._checked_encoder = None
             return
         self.mpp_spin.setValue(float(spec.native_mpp))
         self.tile_spin.setValue(int(spec.native_read_size))
-        # Remembered only once its weights are found: picking it again looks for them again.
-        self._checked_encoder = name if self._show_weights_status(spec) else None
+        self._show_weights_status(spec)
 
-    def _show_weights_status(self, spec: Any = None) -> bool:
-        """Say where the encoder's weights come from; False when they were not found."""
+    def _show_weights_status(self, spec: Any = None) -> None:
+        """Say where the encoder's weights come from (or that they are missing)."""
         from napari_gpfm.encoders import find_weights
 
         spec = spec if spec is not None else self._encoder_spec()
         if spec is None:
-            return False
+            return
         found = find_weights(spec)
         if self.weights_edit.text().strip():
             self.encoder_status.setText("✓ using the weights file below")
@@ -232,8 +232,6 @@ class EmbedWidget(QWidget):
             self.encoder_status.setText(
                 f"✗ weights not found ({', '.join(spec.weights_filenames)}): choose the file below"
             )
-            return False
-        return True
 
     def _slide_changed(self) -> None:
         ref = self.slide_picker.current_ref()
