@@ -387,7 +387,7 @@ class ClassifierWidget(QWidget):
         for name, colour in zip(names, colours, strict=True):
             if name not in self.class_colours:
                 self.add_class(name, colour)
-        measurements = {f"p({n})": probs[:, i] for i, n in enumerate(names)}
+        measurements = {_probability(n): probs[:, i] for i, n in enumerate(names)}
         extra = {"classes": names, "probe": probe.metadata()}
         place_layer(
             self.viewer,
@@ -395,13 +395,13 @@ class ClassifierWidget(QWidget):
                         "classes", measurements=measurements, extra=extra),
         )
         for i, name in enumerate(names):
-            session.publish_score(f"p({name})", probs[:, i], tiles, "classifier probability")
-            layer_name = f"{tiles.ref.name} · p({name})"
+            session.publish_score(_probability(name), probs[:, i], tiles, PROBABILITY)
+            layer_name = f"{tiles.ref.name} · {_probability(name)}"
             shown = any(lay.name == layer_name for lay in self.viewer.layers)
             if self.prob_check.isChecked() or shown:  # a map already shown is kept current
                 place_layer(
                     self.viewer,
-                    score_layer(tiles, probs[:, i], layer_name, "probability", f"p({name})",
+                    score_layer(tiles, probs[:, i], layer_name, "probability", _probability(name),
                                 colormap="viridis", extra=extra, limits=(0.0, 1.0)),
                 )
         rows = area_table(pred, names, tiles.tile_area_mm2, colours)
@@ -421,14 +421,15 @@ class ClassifierWidget(QWidget):
         """Scores and maps of classes the new classifier lacks: dropped from the session (Maps
         no longer offers them) and their layers renamed, not removed (a hidden layer's removal
         can crash napari on llvmpipe; see _overlays.place_layer)."""
-        prefix = f"{tiles.ref.name} · p("
+        kept = {_probability(n) for n in names}
         for key in [k for k, score in session.scores.items()
-                    if score.description == "classifier probability"]:
-            if key[2:-1] not in names:
-                del session.scores[key]
-        for layer in list(self.viewer.layers):
-            if layer.name.startswith(prefix) and layer.name.endswith(")") and \
-                    layer.name[len(prefix):-1] not in names:
+                    if score.description == PROBABILITY and k not in kept]:
+            del session.scores[key]
+        prefix = f"{tiles.ref.name} · "
+        for layer in self.viewer.layers:
+            score = layer.name.removeprefix(prefix)
+            if score != layer.name and score.startswith("p(") and score.endswith(")") and \
+                    score not in kept:
                 layer.name = f"{layer.name} · previous classifier"
 
     # ------------------------------------------------------------------ save / load / export
@@ -492,6 +493,14 @@ class ClassifierWidget(QWidget):
                                               "GeoJSON (*.geojson)")
         if path:
             self.export_predictions(path)
+
+
+PROBABILITY = "classifier probability"  # the description of the scores published here
+
+
+def _probability(name: str) -> str:
+    """The score, measurement and layer-name suffix of a class's probability."""
+    return f"p({name})"
 
 
 def _defaults_dict(layer: Any) -> dict:
