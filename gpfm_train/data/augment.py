@@ -3,6 +3,8 @@
 Per image: two global crops and ``local_crops_number`` local crops.
 
 * geometry: ``RandomResizedCrop(size, scale, bicubic)`` then ``RandomHorizontalFlip(0.5)``;
+  optionally (off in the recipe) a vertical flip and a rotation by 90 / 180 / 270 degrees, the
+  orientations a slide has no preference among (``vflip_p``, ``rot90_p``);
 * colour: ``RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8)`` then ``RandomGrayscale(0.2)``;
 * blur: ``GaussianBlur(kernel 9, sigma U(0.1, 2.0))``; solarise ``RandomSolarize(128, p=0.2)`` on
   global crop 2 only (after its blur);
@@ -49,6 +51,10 @@ class MultiCropConfig:
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     local_crops_number: int = 8
     hflip_p: float = 0.5
+    # Not in GPFM's recipe: tissue on a slide has no up or down, so a vertical flip and quarter
+    # turns (with the horizontal flip: all 8 orientations) are free extra views of a tile.
+    vflip_p: float = 0.0
+    rot90_p: float = 0.0
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
@@ -79,6 +85,8 @@ class MultiCropConfig:
                 )
         probs = {
             "hflip_p": self.hflip_p,
+            "vflip_p": self.vflip_p,
+            "rot90_p": self.rot90_p,
             "color_jitter_p": self.color_jitter_p,
             "grayscale_p": self.grayscale_p,
             "solarize_p": self.solarize_p,
@@ -129,12 +137,17 @@ class MultiCropAugmentation:
         bicubic = v2.InterpolationMode.BICUBIC
 
         def geometry(size: int, scale: tuple[float, float]) -> v2.Compose:
-            return v2.Compose(
-                [
-                    v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True),
-                    v2.RandomHorizontalFlip(p=cfg.hflip_p),
-                ]
-            )
+            steps = [
+                v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True),
+                v2.RandomHorizontalFlip(p=cfg.hflip_p),
+            ]
+            # Added only when asked for: every transform draws from the generator even at p=0,
+            # which would change the recipe's crops (and the default model's reproduction).
+            if cfg.vflip_p > 0:
+                steps.append(v2.RandomVerticalFlip(p=cfg.vflip_p))
+            if cfg.rot90_p > 0:
+                steps.append(_RandomQuarterTurn(cfg.rot90_p))
+            return v2.Compose(steps)
 
         def blur(p: float) -> v2.RandomApply:
             kernel = v2.GaussianBlur(kernel_size=cfg.blur_kernel_size, sigma=cfg.blur_sigma)
@@ -208,6 +221,24 @@ class MultiCropAugmentation:
                 for _ in range(self.config.local_crops_number)
             ]
         return {"global_crops": [global_1, global_2], "local_crops": local}
+
+
+class _RandomQuarterTurn:
+    """With probability ``p``, turn a (square) PIL crop by 90, 180 or 270 degrees, drawn from
+    torch's generator like the torchvision transforms around it."""
+
+    def __init__(self, p: float) -> None:
+        self.p = float(p)
+
+    def __call__(self, img: Any) -> Any:
+        import torch
+        from PIL import Image
+
+        if float(torch.rand(())) >= self.p:
+            return img
+        turn = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                Image.Transpose.ROTATE_270)[int(torch.randint(3, ()))]
+        return img.transpose(turn)
 
 
 def _float32():

@@ -118,6 +118,32 @@ def test_dinov2_blur_quirk_global_one_is_never_blurred():
     assert literal_diff_g1 >= 8  # without the quirk, p=1.0 blurs (tiny sigmas may not show)
 
 
+def test_vertical_flips_and_quarter_turns_when_asked_and_the_recipe_stream_untouched():
+    # Whole-image crops at the image's own size, no colour or blur: only orientation changes.
+    base = {"global_crops_size": 64, "local_crops_size": 64, "local_crops_number": 1,
+            "global_crops_scale": (1.0, 1.0), "local_crops_scale": (1.0, 1.0), "hflip_p": 0.0,
+            **NO_COLOUR, **NO_BLUR}
+    img = _texture(64)
+    upright = _crops(MultiCropAugmentation(MultiCropConfig(**base))(img, seed=0))[0]
+    flipped = MultiCropAugmentation(MultiCropConfig(**base, vflip_p=1.0))(img, seed=0)
+    assert all(torch.equal(c, upright.flip(1)) for c in _crops(flipped))
+    turner = MultiCropAugmentation(MultiCropConfig(**base, rot90_p=1.0))
+    turns = set()
+    for seed in range(12):
+        for crop in _crops(turner(img, seed=seed)):
+            k = [k for k in (1, 2, 3) if torch.equal(crop, torch.rot90(upright, k, dims=(1, 2)))]
+            assert len(k) == 1  # always a quarter, half or three-quarter turn, never upright
+            turns.add(k[0])
+    assert turns == {1, 2, 3}
+    # Off (the recipe's default) they draw nothing from the generator, so the recipe's crops are
+    # what they were before these options existed (sums recorded then, torchvision 0.29.1): the
+    # default model's training still reproduces.
+    sums = [float(c.double().sum()) for c in _crops(MultiCropAugmentation(TINY)(_texture(), seed=4))]
+    assert sums == pytest.approx([31362.055, 25124.015, 973.908, 1411.596, 2251.828], abs=0.01)
+    with pytest.raises(ParameterError, match="rot90_p"):
+        MultiCropConfig(rot90_p=1.5)
+
+
 def test_bad_configs_are_refused():
     with pytest.raises(ParameterError, match="blur_p"):
         MultiCropConfig(blur_p=(1.0, 1.5, 0.5))
