@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CSV_COLUMNS = ("slide", "x", "y", "w", "h", "label")
+
+
 @dataclass(frozen=True, eq=False)
 class TileSet:
     """Labelled tiles ready for feature extraction.

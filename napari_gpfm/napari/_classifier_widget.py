@@ -41,7 +41,13 @@ from napari_gpfm.napari._qt_common import (
     make_table,
     run_task,
 )
-from napari_gpfm.napari._session import OVERLAY_KEY, SlideRef, TileSet, shape_level0_polygons
+from napari_gpfm.napari._session import (
+    OVERLAY_KEY,
+    TILES_KEY,
+    SlideRef,
+    TileSet,
+    shape_level0_polygons,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -425,11 +431,13 @@ class ClassifierWidget(QWidget):
         for key in [k for k, score in session.scores.items()
                     if score.description == PROBABILITY and k not in kept]:
             del session.scores[key]
-        prefix = f"{tiles.ref.name} · "
         for layer in self.viewer.layers:
-            score = layer.name.removeprefix(prefix)
-            if score != layer.name and score.startswith("p(") and score.endswith(")") and \
-                    score not in kept:
+            # A probability map of this slide, named as _show names it (not retired already).
+            if (layer.metadata.get(OVERLAY_KEY) or {}).get("kind") != "probability":
+                continue
+            scores = (layer.metadata.get(TILES_KEY) or {}).get("measurements", {})
+            stale = [s for s in scores if layer.name == f"{tiles.ref.name} · {s}" and s not in kept]
+            if stale:
                 layer.name = f"{layer.name} · previous classifier"
 
     # ------------------------------------------------------------------ save / load / export

@@ -129,8 +129,8 @@ class MapsWidget(QWidget):
 
     def _forget_clusters(self) -> None:
         """The cluster table describes one slide's store: clear it when either changes."""
-        shown = self.last_clusters is not None and self._clusters_of != self._current_source()
-        if shown:
+        stale = self.last_clusters is not None and self._clusters_of != self._current_source()
+        if stale:
             self.cluster_table.setRowCount(0)
             self.last_clusters = None
 
