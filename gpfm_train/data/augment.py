@@ -6,6 +6,8 @@ Per image: two global crops and ``local_crops_number`` local crops.
   optionally (off in the recipe) a vertical flip and a rotation by 90 / 180 / 270 degrees, the
   orientations a slide has no preference among (``vflip_p``, ``rot90_p``);
 * colour: ``RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8)`` then ``RandomGrayscale(0.2)``;
+  optionally (off in the recipe) a stain jitter before them, which scales and shifts the
+  haematoxylin / eosin / DAB optical densities instead of RGB (``stain_jitter``);
 * blur: ``GaussianBlur(kernel 9, sigma U(0.1, 2.0))``; solarise ``RandomSolarize(128, p=0.2)`` on
   global crop 2 only (after its blur);
 * ``ToDtype(float32, scale=True)`` and ImageNet ``Normalize``.
@@ -55,6 +57,12 @@ class MultiCropConfig:
     # turns (with the horizontal flip: all 8 orientations) are free extra views of a tile.
     vflip_p: float = 0.0
     rot90_p: float = 0.0
+    # Not in GPFM's recipe: jitter in stain space (Ruifrok-Johnston H / E / DAB optical
+    # densities, each multiplied by U(1 - a, 1 + a) and shifted by U(-b, b) for (a, b) =
+    # stain_jitter; Tellez et al. 2018 call (0.05, 0.05) "HED-light"). Unlike a hue jitter it
+    # keeps eosin eosin and haematoxylin haematoxylin while the staining varies in strength.
+    stain_jitter: tuple[float, float] = (0.0, 0.0)
+    stain_jitter_p: float = 0.0
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
@@ -87,6 +95,7 @@ class MultiCropConfig:
             "hflip_p": self.hflip_p,
             "vflip_p": self.vflip_p,
             "rot90_p": self.rot90_p,
+            "stain_jitter_p": self.stain_jitter_p,
             "color_jitter_p": self.color_jitter_p,
             "grayscale_p": self.grayscale_p,
             "solarize_p": self.solarize_p,
@@ -95,6 +104,10 @@ class MultiCropConfig:
         for name, p in probs.items():
             if not 0.0 <= p <= 1.0:
                 raise ParameterError(f"{name}={p} is a probability: it must lie in [0, 1]")
+        if len(self.stain_jitter) != 2 or not all(0 <= v < 1 for v in self.stain_jitter):
+            raise ParameterError(
+                f"stain_jitter={self.stain_jitter} needs (scale, shift), each in [0, 1)"
+            )
         if len(self.blur_p) != 3:
             raise ParameterError(f"blur_p={self.blur_p} needs 3 values (global 1, global 2, local)")
         if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0:
@@ -154,8 +167,15 @@ class MultiCropAugmentation:
             return v2.RandomApply([kernel], p=p)
 
         b, c, s, h = cfg.color_jitter
+        # Like the geometry options, added only when on, so the recipe's random stream stays.
+        stain = (
+            [_RandomStainJitter(*cfg.stain_jitter, p=cfg.stain_jitter_p)]
+            if cfg.stain_jitter_p > 0 and any(cfg.stain_jitter)
+            else []
+        )
         colour = v2.Compose(
             [
+                *stain,
                 v2.RandomApply(
                     [v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)],
                     p=cfg.color_jitter_p,
@@ -239,6 +259,46 @@ class _RandomQuarterTurn:
         turn = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
                 Image.Transpose.ROTATE_270)[int(torch.randint(3, ()))]
         return img.transpose(turn)
+
+
+# Ruifrok & Johnston (2001): the optical density (natural log) that a unit of haematoxylin, eosin
+# and DAB adds to R, G, B (rows, unit length). OD = concentrations @ RGB_FROM_HED.
+RGB_FROM_HED = np.array(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64
+)
+RGB_FROM_HED /= np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+
+
+def rgb_to_stains(rgb: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` uint8 RGB -> ``(..., 3)`` H / E / DAB concentrations (optical density)."""
+    od = -np.log(np.maximum(rgb.astype(np.float64), 1.0) / 255.0)
+    return od @ HED_FROM_RGB
+
+
+def stains_to_rgb(stains: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`rgb_to_stains`, rounded and clipped to uint8."""
+    rgb = 255.0 * np.exp(-(stains @ RGB_FROM_HED))
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+class _RandomStainJitter:
+    """With probability ``p``, ``stain' = stain * U(1 - scale, 1 + scale) + U(-shift, shift)``,
+    drawn per stain from torch's generator, on a PIL crop."""
+
+    def __init__(self, scale: float, shift: float, p: float) -> None:
+        self.scale, self.shift, self.p = float(scale), float(shift), float(p)
+
+    def __call__(self, img: Any) -> Any:
+        import torch
+        from PIL import Image
+
+        if float(torch.rand(())) >= self.p:
+            return img
+        factor = 1.0 + self.scale * (2.0 * torch.rand(3, dtype=torch.float64).numpy() - 1.0)
+        offset = self.shift * (2.0 * torch.rand(3, dtype=torch.float64).numpy() - 1.0)
+        stains = rgb_to_stains(np.asarray(img)) * factor + offset
+        return Image.fromarray(stains_to_rgb(stains))
 
 
 def _float32():

@@ -13,7 +13,9 @@ from gpfm_train.data.augment import (
     IMAGENET_STD,
     MultiCropAugmentation,
     MultiCropConfig,
+    rgb_to_stains,
     sample_seed,
+    stains_to_rgb,
 )
 from gpfm_train.data.collate import BATCH_KEYS, MaskConfig, MultiCropCollator, collate_multicrop
 from gpfm_train.data.datasets import MultiCropDataset, SlideTileDataset, TileFolderDataset
@@ -142,6 +144,48 @@ def test_vertical_flips_and_quarter_turns_when_asked_and_the_recipe_stream_untou
     assert sums == pytest.approx([31362.055, 25124.015, 973.908, 1411.596, 2251.828], abs=0.01)
     with pytest.raises(ParameterError, match="rot90_p"):
         MultiCropConfig(rot90_p=1.5)
+
+
+def _uint8(crop):
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return (crop * std + mean).mul(255).round().permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def test_stain_jitter_scales_and_shifts_each_stain_and_mixes_none():
+    # Colour decomposition is exact (up to rounding) on 8-bit pixels that are not black.
+    rgb = np.random.default_rng(0).integers(1, 256, (64, 64, 3), dtype=np.uint8)
+    assert np.abs(stains_to_rgb(rgb_to_stains(rgb)).astype(int) - rgb).max() <= 1
+    # An image stained with known amounts of haematoxylin and eosin (no DAB), whole-image crops,
+    # nothing but the stain jitter: each stain of the output is a * stain + b, its own a and b.
+    h, e = np.meshgrid(np.linspace(0.05, 1.2, 48), np.linspace(0.05, 0.9, 48))
+    stains = np.stack([h, e, np.zeros_like(h)], axis=-1)
+    img = stains_to_rgb(stains)
+    base = {"global_crops_size": 48, "local_crops_size": 48, "local_crops_number": 0,
+            "global_crops_scale": (1.0, 1.0), "local_crops_scale": (1.0, 1.0), "hflip_p": 0.0,
+            **NO_COLOUR, **NO_BLUR}
+    aug = MultiCropAugmentation(MultiCropConfig(**base, stain_jitter=(0.2, 0.1),
+                                                stain_jitter_p=1.0))
+    fitted = []
+    for seed in range(4):
+        out = rgb_to_stains(_uint8(aug(img, seed=seed)["global_crops"][0]))
+        for k in range(2):  # haematoxylin, eosin: fit out = a * in + b
+            a, b = np.polyfit(rgb_to_stains(img)[..., k].ravel(), out[..., k].ravel(), 1)
+            assert 0.8 - 1e-3 <= a <= 1.2 + 1e-3 and abs(b) <= 0.1 + 1e-3
+            fitted.append(round(a, 2))
+        # Along a row of one eosin value and rising haematoxylin the eosin stays one value:
+        # no haematoxylin leaks into it (per-channel RGB jitter fails here).
+        assert np.ptp(out[..., 1][e == e.min()]) < 0.03
+    assert len(set(fitted)) > 4  # the factors are drawn, not fixed
+    # A hue jitter, the recipe's colour augmentation, does mix them.
+    hue = MultiCropAugmentation(MultiCropConfig(**{**base, "color_jitter_p": 1.0},
+                                                color_jitter=(0, 0, 0, 0.1)))
+    mixed = rgb_to_stains(_uint8(hue(img, seed=1)["global_crops"][0]))
+    assert np.ptp(mixed[..., 1][e == e.min()]) > 0.03
+    with pytest.raises(ParameterError, match="stain_jitter"):
+        MultiCropConfig(stain_jitter=(0.05,))
+    with pytest.raises(ParameterError, match="stain_jitter_p"):
+        MultiCropConfig(stain_jitter_p=-0.1)
 
 
 def test_bad_configs_are_refused():

@@ -71,6 +71,9 @@ def test_recipe_config_holds_every_constant_of_the_note():
     assert (c.global_crops_size, c.global_crops_scale, c.local_crops_size) == (
         224, (0.32, 1.0), 98)
     assert (c.local_crops_number, c.local_crops_scale) == (8, (0.05, 0.32))
+    assert (c.color_jitter, c.color_jitter_p, c.grayscale_p) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2)
+    # The options beyond the recipe are written out in the YAML, and off.
+    assert (c.vflip_p, c.rot90_p, c.stain_jitter_p, c.stain_jitter) == (0.0, 0.0, 0.0, (0.0, 0.0))
     assert data.masks.mask_ratio_min_max == (0.1, 0.5) and data.masks.mask_sample_probability == 0.5
     assert data.batch_size == 96
     assert (trainer.num_nodes, trainer.devices, trainer.strategy) == (2, 8, "fsdp")
