@@ -11,16 +11,36 @@ from napari_gpfm.napari._reader import get_reader  # noqa: E402
 
 
 def test_reader_declines_what_it_cannot_read(tmp_path):
-    bad = tmp_path / "not-a-slide.svs"
-    bad.write_text("hello")
     empty = tmp_path / "empty.tif"
     empty.write_bytes(b"")
-    assert get_reader(str(bad)) is None
-    assert get_reader(str(empty)) is None
+    assert get_reader(str(empty)) is None  # a .tif may be another plugin's image
     assert get_reader(str(tmp_path / "missing.svs")) is None
     assert get_reader(str(tmp_path)) is None
     assert get_reader("photo.png") is None
     assert get_reader(["a.svs", "b.svs"]) is None
+
+
+def test_a_broken_scanner_file_gets_its_reason_not_napari_s_generic_error(
+    make_napari_viewer_proxy, sample_slide_path, tmp_path
+):
+    text = tmp_path / "notaslide.svs"
+    text.write_text("hello")
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(sample_slide_path.read_bytes()[: sample_slide_path.stat().st_size // 3])
+    viewer = make_napari_viewer_proxy()
+    for path, reason in ((text, "text file, not a TIFF-based slide"),
+                         (truncated, "truncated or corrupted")):
+        assert get_reader(str(path)) is not None
+        # What napari's reader dialog does once the user picks napari-gpfm (before this, the
+        # user read "Reader 'napari-gpfm' was selected to open [...], but refused the file").
+        with pytest.raises(Exception) as info:
+            viewer.open(str(path), plugin="napari-gpfm")
+        messages, exc = [], info.value
+        while exc is not None:  # napari wraps the reader's error in its own
+            messages.append(str(exc))
+            exc = exc.__cause__ or exc.__context__
+        assert any(reason in m and path.name in m for m in messages), messages
+    assert len(viewer.layers) == 0
 
 
 def test_reader_gives_multiscale_rgb_in_microns(sample_slide_path):

@@ -301,6 +301,7 @@ def test_similar_bad_inputs_are_notifications(viewer, embedded, qtbot, messages,
     query.add_rectangles(ref.level0_to_data(np.array([[5.0, 5.0], [150.0, 150.0]])))
     widget.search_button.click()
     assert any("holds no embedded tissue tile" in m for m in messages)
+    assert widget.status.text() == f"Refused: {messages[-1]}"  # not an earlier outcome
 
     # A store made from another slide.
     other = write_pyramid(tmp_path / "other.tif", he_image(768, 768), levels=1, mpp=1.0)
@@ -474,6 +475,24 @@ def test_classifier_leaves_out_empty_and_removed_classes_and_retires_their_maps(
     assert not any(lay.name.endswith("· p(middle)") for lay in v.layers)
     scores = session_for(ref).scores
     assert "p(middle)" not in scores and {"p(upper)", "p(lower)"} <= set(scores)
+
+
+def test_removing_the_last_class_stops_drawing_with_it(viewer, embedded, qtbot):
+    v, ref = viewer
+    _dock, widget = v.window.add_plugin_dock_widget("napari-gpfm", "ROI classifier")
+    widget.add_class("tumour")
+    widget.rect_button.click()
+    layer = v.layers["training regions"]
+    assert str(layer.mode) == "add_rectangle"
+    assert layer.feature_defaults["class"].iloc[0] == "tumour"
+    widget.class_list.setCurrentRow(0)
+    widget.remove_class_button.click()
+    assert widget.class_names == []
+    # No class is left to give: drawing stops, and a shape added anyway gets no class (left
+    # out at training) rather than the removed one.
+    assert str(layer.mode) == "pan_zoom"
+    layer.add_rectangles(ref.level0_to_data(np.array([[400.0, 400.0], [600.0, 600.0]])))
+    assert layer.features["class"].iloc[-1] == ""
 
 
 def test_cluster_table_follows_the_slide_and_an_all_covering_query_explains_itself(

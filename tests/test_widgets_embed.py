@@ -161,6 +161,7 @@ def test_a_complete_store_is_reused(make_napari_viewer_proxy, qtbot, tiny_weight
     widget.embed_button.click()
     qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
     assert widget.last_result.computed == 0 and widget.last_result.skipped == 49
+    assert widget.status.text().startswith("Already embedded: 49 tiles")  # not "Done: 49 ..."
 
 
 def test_bad_inputs_are_notifications(make_napari_viewer_proxy, qtbot, tiny_weights, cache_dir,
@@ -193,6 +194,44 @@ def test_bad_inputs_are_notifications(make_napari_viewer_proxy, qtbot, tiny_weig
     qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
     assert widget.status.text().startswith("Failed:")
     assert any("other.safetensors" in m for m in messages)
+
+    # A refused start replaces that outcome on the status line; the messages speak of the
+    # panel's fields, not of command-line flags.
+    widget.weights_edit.setText(str(tmp_path))
+    widget.embed_button.click()
+    assert widget.status.text().startswith("Refused:") and "is a folder" in messages[-1]
+    widget.weights_edit.setText("")
+    widget.encoder_combo.setCurrentText("gpfm")
+    widget.embed_button.click()
+    assert not widget.is_running
+    assert "choose its file under Weights" in messages[-1] and "--" not in messages[-1]
+    assert widget.status.text() == f"Refused: {messages[-1]}"
+
+
+def test_a_tiling_without_tiles_is_refused_before_any_store(
+    make_napari_viewer_proxy, qtbot, tiny_weights, cache_dir
+):
+    from napari.utils.notifications import notification_manager
+
+    viewer, slide, widget = _viewer_with_widget(make_napari_viewer_proxy)
+    messages = []
+    notification_manager.notification_ready.connect(lambda n: messages.append(str(n.message)))
+    _configure(widget, tiny_weights)
+    widget.tile_spin.setValue(4096)  # 4096 px at 1 um/px: more than the whole slide
+    widget.embed_button.click()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
+    assert any("larger than the slide; choose a smaller Tile size" in m for m in messages)
+    assert widget.status.text().startswith("Failed:")
+    assert session_for(SlideRef.from_layer(slide)).store_path is None  # no empty store chosen
+    assert not cache_dir.exists() or not any(cache_dir.rglob("*.zarr"))
+    assert len(viewer.layers) == 1  # no progress layer either
+
+    # Cancelled while the encoder loads: the status says so instead of "Stopping...".
+    widget.tile_spin.setValue(READ)
+    widget.embed_button.click()
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=TIMEOUT_MS)
+    assert not widget.status.text().startswith("Stopping")
 
 
 def test_triton_is_kept_out_only_next_to_another_llvm(tmp_path, monkeypatch):

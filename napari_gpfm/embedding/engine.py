@@ -89,7 +89,11 @@ class EmbedResult:
 
 # ---------------------------------------------------------------------------- device
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> cuda, else mps, else cpu; an explicit device must exist (ParameterError)."""
+    """``auto`` -> cuda, else mps, else cpu; an explicit device must exist (ParameterError).
+
+    The messages name the value, not a flag: the CLI's ``--device`` and the viewer's Device
+    field both show them.
+    """
     name = str(device).strip().lower() if not isinstance(device, torch.device) else device.type
     if name == "auto":
         if torch.cuda.is_available():
@@ -102,23 +106,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         target = torch.device(device)
     except (RuntimeError, TypeError):
         raise ParameterError(
-            f"--device {device!r} is not a device; use one of {', '.join(DEVICES)} or cuda:N"
+            f"device {device!r} is not a device; use one of {', '.join(DEVICES)} or cuda:N"
         ) from None
     if target.type == "cuda":
         if not torch.cuda.is_available():
             raise ParameterError(
-                f"--device {device}: no CUDA GPU is available here; use --device cpu or auto"
+                f"device {device}: no CUDA GPU is available here; use cpu or auto"
             )
         if target.index is not None and target.index >= torch.cuda.device_count():
             raise ParameterError(
-                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) exist"
+                f"device {device}: only {torch.cuda.device_count()} CUDA device(s) exist"
             )
     elif target.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ParameterError(f"--device {device}: MPS is not available; use --device cpu")
+            raise ParameterError(f"device {device}: MPS is not available; use cpu")
     elif target.type != "cpu":
-        raise ParameterError(f"--device {device} is not supported; use one of {DEVICES}")
+        raise ParameterError(f"device {device} is not supported; use one of {DEVICES}")
     return target
 
 

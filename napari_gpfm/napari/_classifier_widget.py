@@ -235,7 +235,13 @@ class ClassifierWidget(QWidget):
         """New regions drawn from now on get the picked class and its colour."""
         layer = self.regions_layer()
         name = self.current_class()
-        if layer is None or name is None or not hasattr(layer, "feature_defaults"):
+        if layer is None or not hasattr(layer, "feature_defaults"):
+            return
+        if name is None:  # the last class was removed: what is drawn now would keep its name
+            if "class" in layer.features.columns:
+                layer.feature_defaults = {**_defaults_dict(layer), "class": ""}
+            if str(layer.mode).startswith("add_"):
+                layer.mode = "pan_zoom"
             return
         if "class" not in layer.features.columns:
             layer.features = {**{c: layer.features[c] for c in layer.features.columns},

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_gpfm.errors import ParameterError
+
 
 @dataclass(frozen=True)
 class EmbedRequest:
@@ -111,6 +113,13 @@ def embed_job(
     slide = _open_cached(request.slide_path, request.slide_mpp)
     yield JobStage("Finding tissue tiles…")
     grid = make_grid(slide, spec)
+    if len(grid) == 0:  # refused before a store exists, so no panel switches to an empty one
+        raise ParameterError(
+            f"{slide.name}: no tile has enough tissue at Min. tissue {spec.min_tissue:g}; "
+            "lower Min. tissue" if grid.candidates else
+            f"{slide.name}: one tile ({grid.tile_size_l0:.0f} slide pixels) is larger than the "
+            "slide; choose a smaller Tile size or a coarser Resolution"
+        )
     store_path = default_store_path(request.out_dir, slide, encoder.spec.name, spec)
     store = prepare_store(store_path, slide=slide, grid=grid, encoder=encoder, spec=spec)
     yield JobStarted(

@@ -37,7 +37,7 @@ from napari_gpfm.napari._embed_job import EmbedRequest, JobStage, JobStarted, em
 from napari_gpfm.napari._qt_common import (
     SlidePicker,
     closing_worker_class,
-    guarded,
+    guarded_with_status,
     notify_error,
 )
 from napari_gpfm.napari._session import (
@@ -272,8 +272,12 @@ class EmbedWidget(QWidget):
             raise ParameterError("choose an encoder (or type timm:<architecture>)")
         weights_text = self.weights_edit.text().strip()
         weights = Path(weights_text).expanduser() if weights_text else None
+        if weights is not None and weights.is_dir():
+            raise ParameterError(f"Weights {weights} is a folder; choose the weights file in it")
         if weights is not None and not weights.is_file():
             raise ParameterError(f"weights file {weights} not found; choose an existing file")
+        if weights is None:
+            self._require_found_weights(model)
         out_text = self.out_edit.text().strip()
         if not out_text:
             raise ParameterError("choose an output folder for the embeddings")
@@ -305,12 +309,29 @@ class EmbedWidget(QWidget):
             batch_size=int(self.batch_spin.value()),
         )
 
+    def _require_found_weights(self, model: str) -> None:
+        """Refuse here, in this panel's words, an encoder whose weights are nowhere to be found
+        (the loader's own message speaks to the command line)."""
+        from napari_gpfm.encoders import find_weights, get_spec
+        from napari_gpfm.encoders.registry import models_dir
+
+        try:
+            spec = get_spec(model)
+        except GPFMError:
+            return  # the loader says what is wrong with the name
+        if find_weights(spec) is None:
+            raise ParameterError(
+                f"no weights for encoder '{spec.name}' ({', '.join(spec.weights_filenames)}): "
+                f"choose its file under Weights, or put it in {models_dir()} "
+                "(the folder $GPFM_MODELS_DIR names)"
+            )
+
     # ------------------------------------------------------------------ running
     @property
     def is_running(self) -> bool:
         return self.worker is not None
 
-    @guarded
+    @guarded_with_status
     def start(self) -> None:
         """Start (or resume) embedding the chosen slide in a worker thread."""
         from napari.qt.threading import create_worker
@@ -492,6 +513,8 @@ class EmbedWidget(QWidget):
                     f"Failed: {self._failure} ({self.tiles_done}/{self.tiles_total} tiles kept; "
                     "press Embed to resume once it is fixed)"
                 )
+            elif bool(np.all(self._started.done)):
+                self.status.setText(f"Already embedded: {self.tiles_total} tiles in {store}")
             elif self.tiles_done >= self.tiles_total:
                 self.status.setText(
                     f"Done: {self.tiles_total} tiles in {seconds:.1f} s → {store}"
@@ -503,6 +526,8 @@ class EmbedWidget(QWidget):
                     f"Stopped: {self.tiles_done}/{self.tiles_total} tiles kept in {store.name}; "
                     "press Embed to resume"
                 )
+        elif self._failure is None:  # stopped while the encoder loaded or tissue was found
+            self.status.setText("Stopped before any tile was embedded; press Embed to start")
         self.embedding_finished.emit(self.last_result)
 
     def _sync_with_store(self, store_path: Path) -> None:

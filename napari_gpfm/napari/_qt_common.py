@@ -58,6 +58,22 @@ def guarded(method: Callable) -> Callable:
     return wrapper
 
 
+def guarded_with_status(method: Callable) -> Callable:
+    """:func:`guarded` for an action whose widget has a ``status`` line: a refusal also replaces
+    that line, which must not go on showing an earlier outcome as if it were this one's."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except GPFMError as exc:
+            self.status.setText(f"Refused: {exc}")
+            notify_error(exc)
+            return None
+
+    return wrapper
+
+
 def run_task(
     func: Callable[..., Any],
     *args: Any,

@@ -23,10 +23,19 @@ def _open_cached(path: str | Path, mpp: float | None = None):
     return slide
 
 
+# Extensions only whole-slide scanners write: a file named so that fails to open is a broken
+# slide, not someone else's image, so the reader reports why instead of declining (napari's
+# own message would only say that no reader could open it). A plain .tif may well be another
+# plugin's, so those are declined quietly.
+_SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
+
+
 def get_reader(path):
     """Return a reader for slide files tiffslide can open, else None. Never raises.
 
-    QuPath GeoJSON files (``*.geojson``) go to the GeoJSON reader (Shapes with classes).
+    QuPath GeoJSON files (``*.geojson``) go to the GeoJSON reader (Shapes with classes). A
+    scanner's file (``.svs``, ``.ndpi``, ...) that cannot be opened gets a reader that raises
+    the reason when napari calls it.
     """
     if isinstance(path, list | tuple):
         if len(path) != 1:
@@ -36,14 +45,27 @@ def get_reader(path):
         from napari_gpfm.napari._geojson_io import get_geojson_reader
 
         return get_geojson_reader(path)
+    from napari_gpfm.errors import GPFMError
+
     try:
         p = Path(path)
         if not p.name.lower().endswith(SLIDE_SUFFIXES) or not p.is_file():
             return None
         _open_cached(p)
+    except GPFMError as exc:
+        if p.name.lower().endswith(_SLIDE_ONLY_SUFFIXES):
+            return _refusal(exc)
+        return None
     except Exception:  # napari asks every reader; declining is how we say "not ours"
         return None
     return read_slide
+
+
+def _refusal(exc: Exception):
+    def read_broken_slide(path) -> list[tuple]:
+        raise exc
+
+    return read_broken_slide
 
 
 def slide_layer_data(slide) -> tuple[list, dict, str]:

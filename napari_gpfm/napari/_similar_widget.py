@@ -37,6 +37,7 @@ from napari_gpfm.napari._qt_common import (
     StoreRow,
     fill_table,
     guarded,
+    guarded_with_status,
     make_table,
 )
 from napari_gpfm.napari._session import (
@@ -275,7 +276,7 @@ class SimilarWidget(QWidget):
         return roi, description
 
     # ------------------------------------------------------------------ search
-    @guarded
+    @guarded_with_status
     def search(self) -> None:
         """Search this slide (heatmap, top tiles, table) or the chosen library (gallery)."""
         from napari_gpfm.analysis.search import query_vector, search_similar, similarity
@@ -319,7 +320,7 @@ class SimilarWidget(QWidget):
             f"top {len(result)} of {len(tiles)} tiles shown{partial}{nothing_left}"
         )
 
-    @guarded
+    @guarded_with_status
     def search_library(self) -> None:
         """Search the chosen library with the query region, in a worker thread; the hits fill
         the gallery as their thumbnails are read."""
