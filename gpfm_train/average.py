@@ -29,9 +29,10 @@ def average_exports(sources: Sequence[str | os.PathLike], out: str | os.PathLike
     """Write the uniform average of the exported teachers ``sources`` to ``out``
     (``.safetensors``; its ``.json`` description beside it) and return ``out``."""
     import torch
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     from napari_gpfm.analysis._io import atomic_output
+    from napari_gpfm.encoders.checkpoints import read_checkpoint
     from napari_gpfm.encoders.default_model import DefaultModelConfig
 
     paths = [Path(p).expanduser() for p in sources]
@@ -65,7 +66,7 @@ def average_exports(sources: Sequence[str | os.PathLike], out: str | os.PathLike
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in paths:
-        state = load_file(str(path))
+        state = read_checkpoint(path)  # a damaged file is a one-line WeightsError
         if total and (set(state) != set(total) or any(
                 state[k].shape != total[k].shape for k in total)):
             raise WeightsError(f"{path}: its tensors differ from {paths[0]}'s in names or shapes")

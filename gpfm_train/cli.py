@@ -605,6 +605,10 @@ def run_embed(args: argparse.Namespace) -> int:
     )
     result = run_cohort(slides, options, accelerator=args.accelerator, devices=args.devices,
                         num_nodes=args.num_nodes)
+    if result.interrupted:
+        _say(f"interrupted: the tiles embedded so far are saved under {options.out}; run the "
+             "same command again to resume")
+        return 130
     if result.rank == 0:
         print(summary_table(result.summary))
     return 1 if result.failed else 0

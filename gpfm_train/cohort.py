@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -305,6 +307,7 @@ class CohortRun:
     world_size: int
     outcomes: list[SlideOutcome] = field(default_factory=list)
     summary: list[SlideOutcome] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C: the tiles finished so far are in their stores
 
     @property
     def failed(self) -> int:
@@ -339,14 +342,32 @@ def run_cohort(
     world = devices * num_nodes
     if strategy is None:
         strategy = "ddp" if world > 1 else "auto"
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-        precision="32-true", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        inference_mode=True,
-    )
+    try:
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+            precision="32-true", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+            inference_mode=True,
+        )
+    except Exception as exc:  # Lightning's MisconfigurationException: no such GPU, backend...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ParameterError(
+            f"--accelerator {accelerator} --devices {devices} --num-nodes {num_nodes}: {first}"
+        ) from None
     module = CohortEmbedder(slides, encoder, options)
-    trainer.predict(module, return_predictions=False)
+    on_interrupt = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.predict(module, return_predictions=False)
+    except SystemExit:
+        # Lightning answers Ctrl-C by tearing the run down, ignoring SIGINT from then on, and
+        # calling sys.exit(1); the finished batches are already in the stores, so the caller
+        # says so and exits 130, and a caller that goes on (a notebook) gets Ctrl-C back.
+        if not trainer.interrupted:
+            raise
+        if on_interrupt is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_interrupt)
+        return CohortRun(trainer.global_rank, trainer.world_size, module.outcomes,
+                         module.summary, interrupted=True)
     return CohortRun(trainer.global_rank, trainer.world_size, module.outcomes, module.summary)
 
 

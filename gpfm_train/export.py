@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from napari_gpfm.analysis._io import atomic_output, atomic_write_text
 from napari_gpfm.errors import ParameterError, WeightsError
 
 LAYOUTS = ("timm", "gpfm-release")
@@ -191,7 +192,7 @@ def export_teacher(
     plain ``blocks.<i>`` keys).
     """
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from gpfm_train.export_weights import to_gpfm_release_layout
 
@@ -205,9 +206,10 @@ def export_teacher(
     if layout == "timm":
         if out.suffix != ".safetensors":
             raise ParameterError(f"--out {out}: the timm layout is written as .safetensors")
-        tmp = out.with_name(f".{out.name}.tmp")
-        save_file(ckpt.backbone, str(tmp), metadata={"format": "pt", "layout": "timm"})
-        os.replace(tmp, out)
+        # Serialised here and written into a temporary file of our own (unique, with a normal
+        # file's permissions: save_file recreates its file 0600), renamed once complete.
+        with atomic_output(out, "exported weights") as tmp:
+            tmp.write_bytes(save(ckpt.backbone, metadata={"format": "pt", "layout": "timm"}))
         json_path = description.write(out.with_suffix(".json"))
     else:
         if out.suffix not in (".pth", ".pt"):
@@ -220,13 +222,12 @@ def export_teacher(
             ckpt.backbone, block_chunks=chunks, dino_head_sd=ckpt.dino_head,
             mask_token=ckpt.mask_token,
         )
-        tmp = out.with_name(f".{out.name}.tmp")
-        torch.save(release, tmp)
-        os.replace(tmp, out)
+        with atomic_output(out, "exported weights") as tmp:
+            torch.save(release, tmp)
     card_path = None
     if card:
         card_path = out.with_suffix(".md")
-        card_path.write_text(_model_card(ckpt, description, out, layout), encoding="utf-8")
+        atomic_write_text(card_path, _model_card(ckpt, description, out, layout), "model card")
     return ExportResult(out, json_path, card_path, layout)
 
 

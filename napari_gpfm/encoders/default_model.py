@@ -129,8 +129,10 @@ class DefaultModelConfig:
         path = Path(path)
         data = asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
+        from napari_gpfm.analysis._io import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n",
+                                 "model description")
 
 
 def default_files(

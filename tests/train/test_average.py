@@ -70,6 +70,15 @@ def test_other_networks_and_bad_files_are_named(exports, tmp_path):
     with pytest.raises(WeightsError, match="pruned.safetensors: its tensors differ"):
         average_exports([exports[0], pruned], tmp_path / "x.safetensors")
 
+    # A damaged file (cut short, or not safetensors at all) is one line that names it.
+    for name, data in (("cut.safetensors", exports[1].read_bytes()[:3000]),
+                       ("text.safetensors", b"not weights")):
+        bad = other / name
+        bad.write_bytes(data)
+        bad.with_suffix(".json").write_text(exports[1].with_suffix(".json").read_text())
+        with pytest.raises(WeightsError, match=name):
+            average_exports([exports[0], bad], tmp_path / "x.safetensors")
+
     with pytest.raises(ParameterError, match="at least two"):
         average_exports(exports[:1], tmp_path / "x.safetensors")
     with pytest.raises(ParameterError, match="is one of the inputs"):

@@ -143,6 +143,36 @@ def test_partial_stores_resume_from_their_done_rows(cohort, tmp_path, capsys):
     np.testing.assert_allclose(done.features, reference.features, **TOL)
 
 
+def test_ctrl_c_keeps_the_finished_work_and_says_how_to_resume(cohort, tmp_path, capsys,
+                                                               monkeypatch):
+    import signal
+
+    import gpfm_train.cohort as cohort_module
+
+    real = cohort_module.embed_one_slide
+    slides_done = []
+
+    def then_ctrl_c(*args, **kwargs):
+        outcome = real(*args, **kwargs)
+        slides_done.append(outcome)
+        signal.raise_signal(signal.SIGINT)  # the user's Ctrl-C, once the first slide is done
+        return outcome
+
+    monkeypatch.setattr(cohort_module, "embed_one_slide", then_ctrl_c)
+    out = tmp_path / "stopped"
+    assert train_main(_args(cohort, cohort["good"], out)) == 130
+    printed = capsys.readouterr().out
+    assert "interrupted: the tiles embedded so far are saved" in printed
+    assert "run the same command again to resume" in printed
+    (name, path), = _stores(out).items()
+    assert len(slides_done) == 1 and EmbeddingStore.open(path).is_complete
+
+    monkeypatch.setattr(cohort_module, "embed_one_slide", real)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+    assert train_main(_args(cohort, cohort["good"], out)) == 0
+    _assert_same_stores(out, cohort["reference"])
+
+
 def _free_port() -> int:
     import socket
 
@@ -201,6 +231,11 @@ def test_manifest_problems_are_one_line(cohort, tmp_path, capsys):
     assert train_main(["embed", str(cohort["good"]), "--model", "timm:test_vit", "--weights",
                        str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "none.safetensors" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # asking for a GPU that is not there: one line too
+        assert train_main(_args(cohort, cohort["good"], tmp_path / "o",
+                                "--accelerator", "gpu")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --accelerator gpu"), err
     with pytest.raises(ConfigError, match="no slide with split"):
         read_cohort(cohort["good"], splits=["val"])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _tiny_run import SAMPLE, tiny_overrides
@@ -58,6 +60,14 @@ def test_timm_export_loads_as_the_default_encoder_with_the_teachers_features(
     assert not torch.allclose(got["cls"], student["x_norm_clstoken"], atol=1e-4)
     card = out.with_suffix(".md").read_text()
     assert "vit_small_patch14_dinov2" in card and "48-d CLS" in card
+    # Readable by the others who share a models folder, as any file the user writes (safetensors
+    # itself writes 0600); no temporary file left beside it.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, out.with_suffix(".json"), out.with_suffix(".md")):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.md",
+                                                          "model.safetensors"]
 
 
 def test_default_out_makes_it_the_embedded_default_model(trained, tmp_path, monkeypatch,
