@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_gpfm.cli._common import slide_pixel_size
 from napari_gpfm.errors import (
     ConfigError,
     GPFMError,
@@ -589,11 +590,6 @@ def run_average(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- embed
 def run_embed(args: argparse.Namespace) -> int:
     from gpfm_train.cohort import CohortOptions, read_cohort, run_cohort, summary_table
-    from napari_gpfm.slides import is_pixel_size
-
-    if args.slide_mpp is not None and not is_pixel_size(args.slide_mpp):
-        raise ParameterError(f"--slide-mpp {args.slide_mpp} is not a pixel size: pass the level-0 "
-                             "microns per pixel, e.g. 0.25 for 40x or 0.5 for 20x scans")
     slides = read_cohort(args.manifest, root=args.root, splits=args.split)
     options = CohortOptions(
         out=Path(args.out), model=args.model, weights=args.weights, models_dir=args.models_dir,
@@ -701,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed_p.add_argument("--split", action="append", default=None,
                          help="only slides of this split (repeatable; default: all)")
     embed_p.add_argument("--mpp", type=float, default=None, help="tile um/px (encoder native)")
-    embed_p.add_argument("--slide-mpp", type=float, default=None,
+    embed_p.add_argument("--slide-mpp", type=slide_pixel_size, default=None,
                          help="level-0 um/px of slides that record none (their manifest row "
                               "neither); recorded values and the mpp column win")
     embed_p.add_argument("--read-size", type=int, default=None, help="tile side at --mpp")

@@ -95,8 +95,10 @@ def _tiling_spec(args: argparse.Namespace):
 def run_build(args: argparse.Namespace) -> int:
     """``manifest build``: tile the slides, write the CSV atomically, print a summary."""
     from gpfm_train.data.manifests import build_slide_manifest, write_manifest
+    from napari_gpfm.analysis._io import prepare_output_path
 
     spec = _tiling_spec(args)
+    prepare_output_path(args.out, "the manifest")  # before tiling a whole cohort, not after
 
     def progress(i: int, n: int, path: Path) -> None:
         if not args.quiet:

@@ -110,6 +110,18 @@ def test_target_finer_than_scan_and_bad_values_exit_2(sample_slide_path, tmp_pat
     assert "larger than CMU-1-Small-Region.svs" in capsys.readouterr().err
     assert main(["tiles", str(tmp_path / "missing.svs"), "--out", out]) == 2
     assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # refused by the parser, under its flag
+        main(["tiles", str(sample_slide_path), "--out", out, "--slide-mpp", "0"])
+    assert stopped.value.code == 2
+    assert "argument --slide-mpp/--mpp-slide: 0 is not a pixel size" in capsys.readouterr().err
+    # Outputs it could not write as asked: refused first, under their own flag or place.
+    assert main(["tiles", str(sample_slide_path), "--out", out, "--preview",
+                 str(tmp_path / "p.jpg")]) == 2
+    assert "--preview" in capsys.readouterr().err and not (tmp_path / "p.jpg").exists()
+    a_file = tmp_path / "c.txt"
+    a_file.write_text("")
+    assert main(["tiles", str(sample_slide_path), "--out", str(a_file / "c.csv")]) == 2
+    assert f"cannot make the folder {a_file}" in capsys.readouterr().err
 
 
 def test_preview_tints_tiles_too_small_to_outline(sample_slide_path, tmp_path):

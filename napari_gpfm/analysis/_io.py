@@ -35,6 +35,19 @@ def check_output_path(path: str | os.PathLike, what: str) -> Path:
     return out
 
 
+def prepare_output_path(path: str | os.PathLike, what: str) -> Path:
+    """:func:`check_output_path` for an output whose folder is made when missing."""
+    out = Path(path).expanduser()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ParameterError(
+            f"cannot write {what} to {out}: cannot make the folder {out.parent} "
+            f"({exc.strerror or exc}); choose another place"
+        ) from None
+    return check_output_path(out, what)
+
+
 def _checked_place(path: str | os.PathLike, what: str) -> Path:
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")

@@ -307,6 +307,11 @@ class LinearProbe:
         src = Path(path)
         if not src.is_file():
             raise StoreError(f"probe file {src} not found")
+        if not zipfile.is_zipfile(src):  # numpy would try it as a pickle and say so
+            raise StoreError(
+                f"{src} is not a napari-gpfm probe: a probe is the .npz that `gpfm classify "
+                "train --out` or the ROI classifier's Save writes"
+            )
         try:
             with np.load(src, allow_pickle=False) as npz:
                 missing = [k for k in _ARRAY_KEYS if k not in npz.files]

@@ -50,6 +50,11 @@ def provenance(store) -> dict[str, Any]:
 
 
 def _tiles(store):
+    if store.n_tiles == 0:
+        raise StoreError(
+            f"{store.path} holds no tiles: its slide had no tissue tile at this tiling; embed it "
+            "again with a lower --min-tissue or smaller tiles"
+        )
     if store.n_done == 0:
         raise StoreError(
             f"{store.path} holds no embedded tiles yet; run `gpfm embed` (or the Embed widget) first"

@@ -7,6 +7,24 @@ from pathlib import Path
 from napari_gpfm.errors import ParameterError
 
 
+def slide_pixel_size(text: str) -> float:
+    """argparse type of ``--slide-mpp``: refused under its own name, not the reader's."""
+    import argparse
+
+    from napari_gpfm.slides import is_pixel_size
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not is_pixel_size(value):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a pixel size: pass the level-0 microns per pixel, between 0.01 and "
+            "100 (about 0.25 for 40x, 0.5 for 20x scans)"
+        )
+    return value
+
+
 def parse_roi(text: str):
     """``x,y,w,h`` (rectangle) or ``x,y`` (point), level-0 pixels -> Roi."""
     from napari_gpfm.analysis.geometry import Roi

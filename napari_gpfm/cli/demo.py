@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from napari_gpfm.cli._common import slide_pixel_size
 from napari_gpfm.errors import ParameterError
 
 # A box on the epidermis of CMU-1-Small-Region (level-0 px): the dark purple band of
@@ -28,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="default", help="encoder (default: the embedded model)")
     p.add_argument("--weights", default=None, help="weights file for --model")
     p.add_argument("--slide", default=None, help="another slide instead of the bundled sample")
-    p.add_argument("--slide-mpp", type=float, default=None,
+    p.add_argument("--slide-mpp", type=slide_pixel_size, default=None,
                    help="level-0 microns per pixel of --slide, if its file does not record it")
     p.add_argument("--roi", default=None,
                    help="similarity query 'x,y,w,h' in level-0 px (default: on the epidermis "

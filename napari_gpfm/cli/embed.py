@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from napari_gpfm.cli._common import slide_pixel_size
 from napari_gpfm.errors import GPFMError, ParameterError, SlideError
 
 DEFAULT_OUT = "embeddings"
@@ -46,7 +47,7 @@ def register(sub) -> None:
                    help="step between tiles in target pixels (default: --read-size, no overlap)")
     p.add_argument("--min-tissue", type=float, default=0.5,
                    help="keep tiles with at least this tissue fraction (default 0.5)")
-    p.add_argument("--slide-mpp", type=float, default=None,
+    p.add_argument("--slide-mpp", type=slide_pixel_size, default=None,
                    help="level-0 microns per pixel, for slides that do not record it")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),

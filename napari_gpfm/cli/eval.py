@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from napari_gpfm.cli._common import slide_pixel_size
+
 PROTOCOL_CHOICES = ("linear", "knn", "retrieval", "augretrieval", "all")
 
 
@@ -35,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--size", type=int, default=224, help="tile side in pixels")
     p.add_argument("--stride", type=int, default=None,
                    help="grid step in pixels at --mpp for --regions (default: --size, no overlap)")
-    p.add_argument("--slide-mpp", type=float, default=None,
+    p.add_argument("--slide-mpp", type=slide_pixel_size, default=None,
                    help="level-0 um/px for slides that do not record it")
     p.add_argument("--split", choices=("region", "band"), default="region",
                    help="hold out whole labelled regions (default) or horizontal bands")

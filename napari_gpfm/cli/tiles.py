@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from napari_gpfm.cli._common import slide_pixel_size
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -15,7 +17,8 @@ def register(sub) -> None:
         "records the tiling spec and the slide).",
     )
     p.add_argument("slide", help="slide file (.svs, .tif, .ndpi, .ome.tif ...)")
-    p.add_argument("--slide-mpp", "--mpp-slide", dest="slide_mpp", type=float, default=None,
+    p.add_argument("--slide-mpp", "--mpp-slide", dest="slide_mpp", type=slide_pixel_size,
+                   default=None,
                    metavar="MPP",
                    help="the slide's own level-0 microns per pixel, for files that do not record it")
     p.add_argument("--mpp", type=float, default=0.5,
@@ -37,7 +40,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from napari_gpfm.analysis._io import check_output_path
+    from napari_gpfm.analysis._io import prepare_output_path
     from napari_gpfm.errors import ParameterError, SlideError
     from napari_gpfm.slides import open_slide
     from napari_gpfm.tiling.grid import TilingSpec, make_grid
@@ -47,10 +50,11 @@ def run(args) -> int:
         if value is not None and value < 1:  # named here: TilingSpec knows no CLI flags
             raise ParameterError(f"{flag} {value}: a tile side must be at least 1 px")
     # Refuse an output that cannot be written before the work, not after it.
+    if args.preview and Path(args.preview).suffix.lower() != ".png":
+        raise ParameterError(f"--preview {args.preview}: the preview is a PNG; name it .png")
     for path, what in ((args.out, "the tile grid"), (args.preview, "the preview")):
         if path:
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            check_output_path(Path(path).expanduser(), what)
+            prepare_output_path(path, what)
     spec = TilingSpec(
         mpp=args.mpp,
         read_size=args.read_size if args.read_size is not None else args.size,

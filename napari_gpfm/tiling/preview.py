@@ -50,7 +50,10 @@ def render_preview(slide, grid: TileGrid, tissue_mask: TissueMask | None,
             pts = [(float(px * sx), float(py * sy)) for px, py in poly]
             if len(pts) >= 2:
                 draw.line(pts + [pts[0]], fill=TISSUE_COLOUR, width=2, joint="curve")
+    from napari_gpfm.analysis._io import atomic_output
+
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    with atomic_output(path, "the preview") as tmp:
+        image.save(tmp, format="PNG")
     return path

@@ -290,6 +290,10 @@ def test_cli_build_with_nothing_to_tile_writes_nothing(tmp_path, capsys):
     assert err.startswith("error: none of the 1 slide(s) could be tiled") and not out.exists()
     assert main(["manifest", "build", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # An --out that cannot be written is refused before a single slide is tiled.
+    assert main(["manifest", "build", str(empty), "--out", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the manifest" in err and "x.svs" not in err
 
 
 def test_cli_validate_sources_and_a_broken_csv(tmp_path, capsys):
