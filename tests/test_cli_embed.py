@@ -18,7 +18,7 @@ import torch
 from napari_gpfm.cli import main
 from napari_gpfm.embedding.h5io import read_h5
 from napari_gpfm.embedding.store import EmbeddingStore
-from napari_gpfm.errors import StoreError
+from napari_gpfm.errors import ParameterError, StoreError
 
 ARCH = "test_vit"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,6 +257,20 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, sample_slide_path, weight
     empty.mkdir()
     assert _embed(empty, "--model", f"timm:{ARCH}", "--weights", weights, *FAST) == 2
     assert "holds no slide files" in _error_line(capsys)
+    # A folder of folders: the error names those that hold slides, and naming them all
+    # (folder/*/) skips the ones without.
+    from napari_gpfm.cli.embed import expand_slides
+
+    (empty / "scans").mkdir()
+    (empty / "scans" / "a.svs").write_bytes(b"")
+    (empty / "notes").mkdir()
+    (empty / "notes" / "read.me").write_text("")
+    with pytest.raises(ParameterError) as info:
+        expand_slides([str(empty)])
+    assert f"{empty / 'scans'}/" in str(info.value) and "notes" not in str(info.value)
+    assert expand_slides([str(empty / "notes"), str(empty / "scans")]) == [
+        empty / "scans" / "a.svs"]
+    assert f"{empty / 'notes'} holds no slide files; skipped" in capsys.readouterr().err
 
     assert _embed(sample_slide_path, "--model", f"timm:{ARCH}", "--weights", weights,
                   *FAST, "--size", "224") == 2

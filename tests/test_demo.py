@@ -39,9 +39,20 @@ def test_demo_on_another_slide_queries_its_tissue_and_fits_k_to_its_tiles(tmp_pa
     # 4 tissue tiles: the sample's default query box and k=5 would not fit this slide.
     assert main(["demo", "--out", str(out), "--device", "cpu", "--slide", str(crop)]) == 0
     report = (out / "report.md").read_text()
-    assert "| tissue tiles | 4 |" in report and "(k = 4)" in report
+    assert "| tissue tiles | 4 |" in report
+    assert "(k = 4, lowered from --k 5 to the tile count)" in report
+    assert "--k 5 is more than the 4 tissue tiles: k = 4" in capsys.readouterr().out
     similar = json.loads((out / "similar_tiles.json").read_text())
     assert len(similar) == 3  # every tile but the query
     capsys.readouterr()
     assert main(["demo", "--out", str(out), "--k", "1"]) == 2
     assert "--k 1" in capsys.readouterr().err
+    # Refused runs leave no folder behind: a query off the slide is refused before embedding.
+    assert main(["demo", "--out", str(tmp_path / "off"), "--device", "cpu", "--slide",
+                 str(crop), "--roi", "99999,99999,5,5"]) == 2
+    assert "lies outside OS-1-detail.ome.tif" in capsys.readouterr().err
+    assert not (tmp_path / "off").exists()
+    text = tmp_path / "notes.txt"
+    text.write_text("")
+    assert main(["demo", "--out", str(text), "--device", "cpu"]) == 2
+    assert "is a file; name a folder" in capsys.readouterr().err

@@ -65,6 +65,7 @@ def _central_tile(grid) -> tuple[int, int, int, int]:
 
 def run(args) -> int:
     from napari_gpfm.analysis import views
+    from napari_gpfm.analysis._io import atomic_write_text, prepare_output_path
     from napari_gpfm.cli._common import parse_roi, write_view
     from napari_gpfm.data.sample import sample_slide_path
     from napari_gpfm.embedding.engine import embed_slide, prepare_store, resolve_device
@@ -82,7 +83,8 @@ def run(args) -> int:
     roi_text = args.roi or (None if args.slide else ",".join(str(v) for v in EPIDERMIS_ROI))
     roi = parse_roi(roi_text) if roi_text else None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ParameterError(f"--out {out} is a file; name a folder for the demo's files")
     t0 = time.perf_counter()
 
     print("[1/5] loading the encoder", flush=True)
@@ -102,6 +104,15 @@ def run(args) -> int:
         if roi is None:
             roi = _central_tile(grid)
             roi_text = ",".join(str(v) for v in roi)
+        else:  # before the embedding, not after it
+            (x0, y0), (x1, y1) = roi.vertices.min(axis=0), roi.vertices.max(axis=0)
+            width, height = slide.dimensions
+            if x1 < 0 or y1 < 0 or x0 > width or y0 > height:
+                raise ParameterError(
+                    f"--roi {roi_text} lies outside {slide.name} ({width} x {height} level-0 px)"
+                )
+        # Made only now, so a run refused above leaves no empty folder behind.
+        prepare_output_path(out / "report.md", "the demo's files")
         render_preview(slide, grid, tissue, out / "tiles_preview.png")
         grid.to_csv(out / "tiles.csv")
 
@@ -117,15 +128,19 @@ def run(args) -> int:
     pca = views.pca_view(store)
     write_view(pca, out / "pca_map.png", thumbnail=thumb)
     k = min(args.k, len(grid))
+    if k < args.k:
+        print(f"      --k {args.k} is more than the {len(grid)} tissue tiles: k = {k}", flush=True)
     clusters = views.cluster_view(store, k)
     write_view(clusters, out / "cluster_map.png", thumbnail=thumb)
     similar = views.similarity_view(store, roi, k=10)
     write_view(similar, out / "similarity_map.png", thumbnail=thumb)
     write_view(similar, out / "similarity_map.tif")
-    (out / "similar_tiles.json").write_text(json.dumps(similar.table, indent=2, default=str))
+    atomic_write_text(out / "similar_tiles.json", json.dumps(similar.table, indent=2, default=str),
+                      "the similar tiles")
 
     print("[5/5] writing the report", flush=True)
     seconds = time.perf_counter() - t0
+    lowered = f", lowered from --k {args.k} to the tile count" if k < args.k else ""
     report = f"""# napari-gpfm demo
 
 Slide: `{info['path']}` ({info['width']} x {info['height']} px, {info['mpp_x']:.3f} um/px,
@@ -150,7 +165,7 @@ resized to {spec.model_size} px; minimum tissue fraction {spec.min_tissue}; tili
 - `tiles.csv`: tile coordinates (level-0 px) with the tiling recorded in the header.
 - `pca_map.png`: the first three principal components of the embeddings as RGB: tiles that
   look alike to the model share a colour.
-- `cluster_map.png`: k-means clusters (k = {k}) of the embeddings.
+- `cluster_map.png`: k-means clusters (k = {k}{lowered}) of the embeddings.
 - `similarity_map.png` / `.tif`: cosine similarity of every tile to the query region
   `{roi_text}` (level-0 x, y, w, h); bright = similar.
 - `similar_tiles.json`: the 10 tiles most similar to the query (query tiles excluded).
@@ -159,6 +174,6 @@ resized to {spec.model_size} px; minimum tissue fraction {spec.min_tissue}; tili
 {_table(clusters.table)}
 ## Tiles most similar to the query region
 {_table(similar.table)}"""
-    (out / "report.md").write_text(report)
+    atomic_write_text(out / "report.md", report, "the report")
     print(f"done in {seconds:.1f} s: see {out}/report.md")
     return 0

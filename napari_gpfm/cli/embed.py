@@ -77,25 +77,40 @@ def register(sub) -> None:
 
 # ------------------------------------------------------------------------------ inputs
 def expand_slides(items: list[str]) -> list[Path]:
-    """Files as given, folders replaced by their slide files (sorted); duplicates dropped."""
+    """Files as given, folders replaced by their slide files (sorted); duplicates dropped.
+
+    A folder without slide files is skipped with a note when other inputs hold slides (as with
+    ``folder/*/``, where some subfolders may hold none); alone, it is an error that names the
+    subfolders that do hold slides.
+    """
     from napari_gpfm.slides import SLIDE_SUFFIXES
 
+    def slides_in(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir()
+                      if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES))
+
     out: list[Path] = []
+    empty: list[Path] = []
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(
-                p for p in path.iterdir()
-                if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES)
-            )
-            if not found:
-                raise ParameterError(
-                    f"folder {path} holds no slide files ({', '.join(SLIDE_SUFFIXES)}); "
-                    f"subfolders are not searched: name them (e.g. {path}/*/)"
-                )
+            found = slides_in(path)
             out.extend(found)
+            if not found:
+                empty.append(path)
         else:
             out.append(path)
+    if empty and not out:
+        path = empty[0]
+        inner = [d for d in sorted(path.iterdir()) if d.is_dir() and slides_in(d)]
+        where = (f"name the subfolders that hold slides: {' '.join(f'{d}/' for d in inner)}"
+                 if inner else "nor do its subfolders")
+        raise ParameterError(
+            f"folder {path} holds no slide files ({', '.join(SLIDE_SUFFIXES)}); subfolders are "
+            f"not searched: {where}"
+        )
+    for path in empty:
+        print(f"note: {path} holds no slide files; skipped", file=sys.stderr)
     seen: set[Path] = set()
     unique = []
     for p in out:
