@@ -106,6 +106,8 @@ def test_target_finer_than_scan_and_bad_values_exit_2(sample_slide_path, tmp_pat
     assert "--min-tissue" in capsys.readouterr().err
     assert main(["tiles", str(sample_slide_path), "--out", out, "--size", "0"]) == 2
     assert "--size 0" in capsys.readouterr().err
+    assert main(["tiles", str(sample_slide_path), "--out", out, "--size", "100000"]) == 2
+    assert "--size 100000: a tile side must be 8-8192 px" in capsys.readouterr().err
     assert main(["tiles", str(sample_slide_path), "--out", out, "--read-size", "5000"]) == 2
     assert "larger than CMU-1-Small-Region.svs" in capsys.readouterr().err
     assert main(["tiles", str(tmp_path / "missing.svs"), "--out", out]) == 2

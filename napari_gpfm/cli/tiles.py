@@ -43,12 +43,15 @@ def run(args) -> int:
     from napari_gpfm.analysis._io import prepare_output_path
     from napari_gpfm.errors import ParameterError, SlideError
     from napari_gpfm.slides import open_slide
-    from napari_gpfm.tiling.grid import TilingSpec, make_grid
+    from napari_gpfm.tiling.grid import TILE_SIDE_RANGE, TilingSpec, make_grid
     from napari_gpfm.tiling.tissue import detect_tissue
 
+    # Checked here under the flag the user gave: without --read-size, --size is both sides,
+    # and TilingSpec would name --read-size.
+    lo, hi = TILE_SIDE_RANGE
     for flag, value in (("--size", args.size), ("--read-size", args.read_size)):
-        if value is not None and value < 1:  # named here: TilingSpec knows no CLI flags
-            raise ParameterError(f"{flag} {value}: a tile side must be at least 1 px")
+        if value is not None and not lo <= value <= hi:
+            raise ParameterError(f"{flag} {value}: a tile side must be {lo}-{hi} px")
     # Refuse an output that cannot be written before the work, not after it.
     if args.preview and Path(args.preview).suffix.lower() != ".png":
         raise ParameterError(f"--preview {args.preview}: the preview is a PNG; name it .png")

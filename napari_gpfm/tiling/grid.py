@@ -24,7 +24,7 @@ from napari_gpfm.tiling.tissue import TissueMask, TissueParams, detect_tissue
 # Reading at a resolution finer than the scan would mean upsampling, i.e. inventing detail;
 # a small margin allows the usual 0.2527 vs 0.25 um/px type of calibration differences.
 MAX_UPSAMPLING = 1.10
-_SIZE_RANGE = (8, 8192)
+TILE_SIDE_RANGE = (8, 8192)  # pixels, for read_size and model_size
 _CSV_MAGIC = "# napari-gpfm tile grid v1"
 
 
@@ -56,7 +56,7 @@ class TilingSpec:
     def __post_init__(self) -> None:
         if not (_finite(self.mpp) and 0.01 <= self.mpp <= 100):
             raise ParameterError(f"--mpp {self.mpp!r}: the target pixel size must be 0.01-100 um/px")
-        lo, hi = _SIZE_RANGE
+        lo, hi = TILE_SIDE_RANGE
         for name, flag in (("read_size", "--read-size"), ("model_size", "--size")):
             v = getattr(self, name)
             if not (_is_int(v) and lo <= v <= hi):
