@@ -45,6 +45,7 @@ from napari_gpfm.errors import (
     ParameterError,
     WeightsError,
     describe_os_error,
+    first_line,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -440,8 +441,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Any] = ()) -> Any:
     except GPFMError:
         raise
     except Exception as exc:  # Lightning's MisconfigurationException, ValueError, ImportError...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"config trainer: {first}") from None
+        raise ConfigError(f"config trainer: {first_line(exc)}") from None
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from napari_gpfm.errors import ConfigError, ParameterError
+from napari_gpfm.errors import ConfigError, ParameterError, first_line
 
 REPORT_DIR = "_cohort"
 
@@ -350,9 +350,9 @@ def run_cohort(
             inference_mode=True,
         )
     except Exception as exc:  # Lightning's MisconfigurationException: no such GPU, backend...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ParameterError(
-            f"--accelerator {accelerator} --devices {devices} --num-nodes {num_nodes}: {first}"
+            f"--accelerator {accelerator} --devices {devices} --num-nodes {num_nodes}: "
+            f"{first_line(exc)}"
         ) from None
     module = CohortEmbedder(slides, encoder, options)
     on_interrupt = signal.getsignal(signal.SIGINT)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_gpfm.analysis._io import atomic_output, atomic_write_text
-from napari_gpfm.errors import ParameterError, WeightsError
+from napari_gpfm.errors import ParameterError, WeightsError, first_line
 
 LAYOUTS = ("timm", "gpfm-release")
 _TEACHER_PREFIX = "distiller.teacher."
@@ -61,9 +61,8 @@ def read_training_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(
-            f"{path} is not a readable training checkpoint ({first[:200]}); pass a .ckpt "
+            f"{path} is not a readable training checkpoint ({first_line(exc, 200)}); pass a .ckpt "
             "written by gpfm-train fit"
         ) from None
     state = ckpt.get("state_dict") if isinstance(ckpt, Mapping) else None

@@ -43,6 +43,14 @@ class IndexError_(GPFMError):
     """A library index is missing, corrupted or stale (named to avoid shadowing IndexError)."""
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to
+    ``limit`` characters: the detail a one-line error quotes from a library's exception."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
 def describe_os_error(exc: OSError) -> str:
     """One line for a file-system failure no check foresaw (a full disk, a read-only or
     virtual folder, a file where a folder should be): what failed, where, what to check."""

@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from napari_gpfm.errors import WeightsError
+from napari_gpfm.errors import WeightsError, first_line
 
 _CHUNK = 1 << 20
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -72,7 +72,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(
-            f"weights file {path} is a damaged safetensors file ({_first_line(exc)}); "
+            f"weights file {path} is a damaged safetensors file ({first_line(exc, 160)}); "
             "download or export it again"
         ) from None
 
@@ -93,16 +93,12 @@ def _read_torch(path: Path) -> Any:
                 "(torch.save(model.state_dict())) or a .safetensors file instead"
             ) from None
         raise WeightsError(
-            f"weights file {path} is not a PyTorch or safetensors checkpoint ({_first_line(exc)})"
+            f"weights file {path} is not a PyTorch or safetensors checkpoint ({first_line(exc, 160)})"
         ) from None
     except Exception as exc:  # the restricted unpickler fails in many ways on foreign bytes
         raise WeightsError(
             f"weights file {path} is not a readable PyTorch or safetensors checkpoint "
-            f"({_first_line(exc)}); download it again"
+            f"({first_line(exc, 160)}); download it again"
         ) from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."

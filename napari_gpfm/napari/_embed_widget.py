@@ -277,7 +277,7 @@ class EmbedWidget(QWidget):
         if weights is not None and not weights.is_file():
             raise ParameterError(f"weights file {weights} not found; choose an existing file")
         if weights is None:
-            self._require_found_weights(model)
+            self._require_found_weights()
         out_text = self.out_edit.text().strip()
         if not out_text:
             raise ParameterError("choose an output folder for the embeddings")
@@ -309,17 +309,14 @@ class EmbedWidget(QWidget):
             batch_size=int(self.batch_spin.value()),
         )
 
-    def _require_found_weights(self, model: str) -> None:
+    def _require_found_weights(self) -> None:
         """Refuse here, in this panel's words, an encoder whose weights are nowhere to be found
         (the loader's own message speaks to the command line)."""
-        from napari_gpfm.encoders import find_weights, get_spec
+        from napari_gpfm.encoders import find_weights
         from napari_gpfm.encoders.registry import models_dir
 
-        try:
-            spec = get_spec(model)
-        except GPFMError:
-            return  # the loader says what is wrong with the name
-        if find_weights(spec) is None:
+        spec = self._encoder_spec()  # None: the loader says what is wrong with the name
+        if spec is not None and find_weights(spec) is None:
             raise ParameterError(
                 f"no weights for encoder '{spec.name}' ({', '.join(spec.weights_filenames)}): "
                 f"choose its file under Weights, or put it in {models_dir()} "

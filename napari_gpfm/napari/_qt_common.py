@@ -44,14 +44,20 @@ def notify_error(exc: BaseException) -> None:
     show_error(str(exc))
 
 
-def guarded(method: Callable) -> Callable:
-    """Run a widget action; a GPFMError becomes an error notification instead of a traceback."""
+def guarded(method: Callable, *, on_status_line: bool = False) -> Callable:
+    """Run a widget action; a GPFMError becomes an error notification instead of a traceback.
+
+    With ``on_status_line`` (see :func:`guarded_with_status`) the refusal also replaces the
+    widget's ``status`` line.
+    """
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
         except GPFMError as exc:
+            if on_status_line:
+                args[0].status.setText(f"Refused: {exc}")
             notify_error(exc)
             return None
 
@@ -59,19 +65,9 @@ def guarded(method: Callable) -> Callable:
 
 
 def guarded_with_status(method: Callable) -> Callable:
-    """:func:`guarded` for an action whose widget has a ``status`` line: a refusal also replaces
-    that line, which must not go on showing an earlier outcome as if it were this one's."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except GPFMError as exc:
-            self.status.setText(f"Refused: {exc}")
-            notify_error(exc)
-            return None
-
-    return wrapper
+    """:func:`guarded` for an action whose widget has a ``status`` line, which must not go on
+    showing an earlier outcome as if it were this refused action's."""
+    return guarded(method, on_status_line=True)
 
 
 def run_task(

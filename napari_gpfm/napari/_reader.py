@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from napari_gpfm.errors import GPFMError
 from napari_gpfm.slides import SLIDE_SUFFIXES
 
 # Slides backing open layers: the dask pyramid reads through the slide's file handle, so the
@@ -45,8 +46,6 @@ def get_reader(path):
         from napari_gpfm.napari._geojson_io import get_geojson_reader
 
         return get_geojson_reader(path)
-    from napari_gpfm.errors import GPFMError
-
     try:
         p = Path(path)
         if not p.name.lower().endswith(SLIDE_SUFFIXES) or not p.is_file():
