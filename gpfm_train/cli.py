@@ -400,6 +400,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Any] = ()) -> Any:
     else:
         strategy = opts.strategy
     from gpfm_train.interrupt import StopOnInterrupt
+    from gpfm_train.progress import StepProgressBar
 
     keep = opts.keep_checkpoints
     checkpoint = _checkpoint_callback(
@@ -411,6 +412,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Any] = ()) -> Any:
         mode="max",
         save_last=True,
     )
+    bar = [StepProgressBar()] if opts.enable_progress_bar else []
     logger: Any = False
     if opts.logger == "csv":
         from lightning.pytorch.loggers import CSVLogger
@@ -431,7 +433,7 @@ def build_trainer(run: RunConfig, callbacks: Sequence[Any] = ()) -> Any:
             max_epochs=-1,
             log_every_n_steps=opts.log_every_n_steps,
             default_root_dir=root,
-            callbacks=[checkpoint, StopOnInterrupt(), *callbacks],
+            callbacks=[checkpoint, StopOnInterrupt(), *bar, *callbacks],
             logger=logger,
             enable_progress_bar=opts.enable_progress_bar,
             use_distributed_sampler=False,  # the sampler shards by rank itself
@@ -487,6 +489,8 @@ _EXPECTED_LIGHTNING_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"Using ModelCheckpoint with manual optimization",
     r"Checkpoint directory .* exists and is not empty",
+    # Lightning's pytree helper on torch >= 2.10: noise for the user, nothing to act on.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
 
 

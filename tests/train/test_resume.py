@@ -161,6 +161,17 @@ def test_cli_resume_from_last(runs, capsys):
         assert len(err) == 1 and "not a readable training checkpoint" in err[0], err
 
 
+def test_the_progress_bar_counts_the_run_s_steps_from_where_it_resumes(runs, capsys):
+    # Lightning's own bar said "Epoch 1/-2" and "6/3" here (its epoch means nothing for an
+    # infinite stream; steps done from zero against steps left).
+    fit(load_run_config("tiny_cpu.yaml", _overrides(runs["root"] / "bar",
+                                                    **{"trainer.enable_progress_bar": True})),
+        ckpt_path=str(runs["ckpt"]))
+    err = capsys.readouterr().err
+    assert f"{CUT}/{STEPS} [" in err and f"{STEPS}/{STEPS} [" in err, err[-500:]
+    assert "loss=" in err and "Epoch" not in err and "-2" not in err
+
+
 class CtrlC(Callback):
     """Press Ctrl-C (SIGINT to this process) once, at the end of step ``step``."""
 
