@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_gpfm.analysis.classify import LinearProbe, area_table, labels_from_rois
+from napari_gpfm.analysis.classify import (
+    LinearProbe,
+    area_table,
+    labels_from_rois,
+    left_out_note,
+)
 from napari_gpfm.analysis.geometry import Roi
 from napari_gpfm.errors import GPFMError, ParameterError, StoreError
 
@@ -153,23 +158,32 @@ def test_class_names_are_inferred_from_string_labels():
     assert probe.predict(feats[:8]).tolist() == [1] * 8
 
 
-def test_labels_from_rois_drops_ambiguous_tiles():
+def test_labels_from_rois_the_smallest_region_decides_and_ties_are_dropped():
     ys, xs = np.mgrid[0:4, 0:6]
     coords = np.column_stack([xs.ravel() * 100, ys.ravel() * 100])  # index = row * 6 + col
     rois = [
         (Roi.rectangle(0, 0, 300, 200), "tumour"),  # cols 0-2, rows 0-1
-        (Roi.rectangle(200, 0, 200, 200), "stroma"),  # cols 2-3, rows 0-1: col 2 is ambiguous
+        (Roi.rectangle(200, 0, 200, 200), "stroma"),  # cols 2-3, rows 0-1: smaller, takes col 2
         ((0, 100, 100, 300), "tumour"),  # col 0, rows 1-3: overlaps tumour only
         ((550, 350), "fat"),  # point: the last tile
+        (Roi.rectangle(100, 200, 100, 100), "necrosis"),  # tile 13 ...
+        (Roi.rectangle(100, 200, 100, 100), "tumour"),  # ... labelled twice: ambiguous, dropped
+        (Roi.rectangle(0, 0, 600, 400), "tissue"),  # the whole grid, drawn last and largest
     ]
     idx, labels = labels_from_rois(coords, 100, rois)
     expected = {0: "tumour", 1: "tumour", 6: "tumour", 7: "tumour", 12: "tumour", 18: "tumour"}
-    expected.update({3: "stroma", 9: "stroma", 23: "fat"})
+    expected.update({2: "stroma", 3: "stroma", 8: "stroma", 9: "stroma", 23: "fat"})
+    expected.update({i: "tissue" for i in range(24) if i not in expected and i != 13})
     assert idx.tolist() == sorted(expected)
     assert labels.tolist() == [expected[i] for i in sorted(expected)]
-    assert 2 not in idx and 8 not in idx
     empty_idx, empty_labels = labels_from_rois(coords, 100, [((5000, 5000, 10, 10), "x")])
     assert empty_idx.size == 0 and empty_labels.size == 0
+
+    # Why a class got nothing: its regions hold no tile, or smaller regions took them all.
+    rois.append(((5000, 5000, 10, 10), "glass"))
+    note = left_out_note(["glass", "necrosis"], [(rois, coords, 100)])
+    assert "left out 'glass': no embedded tile" in note
+    assert "left out 'necrosis': every tile of those regions lies in a smaller region" in note
 
 
 def test_area_table():
@@ -199,7 +213,7 @@ def test_cli_train_and_predict_on_the_sample_name_what_they_leave_out(
                  str(tmp_path / "p.npz")]) == 0
     out = capsys.readouterr().out
     # The store holds tissue tiles only, so the background regions teach nothing: say so.
-    assert "3-class probe" in out and "left out background" in out
+    assert "3-class probe" in out and "left out 'background': no embedded tile" in out
     # A map name it cannot write is refused before anything is written, under its own flag.
     assert main(["classify", "predict", store, "--probe", str(tmp_path / "p.npz"), "--out",
                  str(tmp_path / "pred.geojson"), "--map", str(tmp_path / "map.jpg")]) == 2

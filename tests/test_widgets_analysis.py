@@ -268,8 +268,8 @@ def test_similar_regions_box_point_and_table(viewer, embedded, qtbot, messages):
     assert maps.score_combo.currentText() == "similarity to query"
     maps.cmap_combo.setCurrentText("viridis")
     maps.score_button.click()
-    shown = _layer(v, "· similarity to query")
-    assert shown.colormap.name == "viridis"
+    shown = _layer(v, "· similarity to query · score map")
+    assert shown.colormap.name == "viridis" and shown.colorbar.visible  # a colour is a value
     assert _value_at_tile(shown, ref, coords[3], size) == pytest.approx(
         _value_at_tile(heat, ref, coords[3], size))
 
@@ -412,6 +412,16 @@ def test_classifier_train_map_save_load_export(viewer, embedded, qtbot, messages
     assert doc["properties"]["gpfm"]["slide"]["fingerprint"] == ref.fingerprint
     assert doc["properties"]["gpfm"]["made_by"]["encoder_id"] == embedded["encoder_id"]
 
+    # Read back, the exported tiles are predictions: never picked (or offered) as training
+    # regions, else the next Train would learn the classifier's own answers.
+    [read_back] = v.open(str(out), plugin="napari-gpfm")
+    assert "class" in read_back.features.columns and len(read_back.data) == len(coords)
+    items = [widget.layer_combo.itemText(i) for i in range(widget.layer_combo.count())]
+    assert read_back.name not in items and widget.layer_combo.currentText() == "training regions"
+    widget.train_button.click()
+    qtbot.waitUntil(lambda: not widget.is_busy, timeout=TIMEOUT_MS)
+    assert widget.probe.train_counts == {"upper dermis": n_top, "lower dermis": n_bottom}
+
 
 def test_classifier_needs_tissue_and_two_classes(viewer, embedded, qtbot, messages):
     v, ref = viewer
@@ -547,3 +557,79 @@ def test_the_repository_labels_train_from_the_reader(viewer, embedded, qtbot, me
     assert {"dermis", "epidermis"} <= set(widget.probe.class_names)
     assert "background" not in widget.probe.class_names
     assert "left out 'background'" in widget.status.text()
+
+
+# ----------------------------------------------------------------------------- two slides
+def test_two_slides_keep_their_own_regions_queries_and_results(
+        viewer, embedded, qtbot, extra_he_dir):
+    """Regions, queries and maps stay with the slide they were made for; a map of a slide
+    hidden by a library jump brings that slide back; maps are named after the slide layer."""
+    from napari_gpfm.napari._slide_view import layer_slide_fingerprint, switcher_for
+
+    v, ref = viewer
+    cmu = v.layers[ref.name]
+    [os1] = v.open(str(extra_he_dir / "openslide_os1_crop" / "OS-1-detail.ome.tif"),
+                   plugin="napari-gpfm")
+    os1_ref = SlideRef.from_layer(os1)
+    _dock, classifier = v.window.add_plugin_dock_widget("napari-gpfm", "ROI classifier")
+    _dock, maps = v.window.add_plugin_dock_widget("napari-gpfm", "Maps")
+    _dock, similar = v.window.add_plugin_dock_widget("napari-gpfm", "Similar regions")
+
+    def pick(widget, layer):
+        widget.slide_picker.setCurrentIndex(widget.slide_picker.findText(layer.name))
+
+    # Regions drawn on the sample are not offered, nor used, for OS-1.
+    pick(classifier, cmu)
+    classifier.add_class("a")
+    classifier.rect_button.click()
+    cmu_regions = v.layers["training regions"]
+    assert layer_slide_fingerprint(cmu_regions) == ref.fingerprint
+    pick(classifier, os1)
+    items = [classifier.layer_combo.itemText(i) for i in range(classifier.layer_combo.count())]
+    assert cmu_regions.name not in items
+    classifier.rect_button.click()  # drawing on OS-1 makes OS-1's own regions layer
+    os1_regions = v.layers.selection.active
+    assert os1_regions is not cmu_regions
+    assert layer_slide_fingerprint(os1_regions) == os1_ref.fingerprint
+    classifier.train_button.click()  # OS-1 is not embedded: refused on the panel's line
+    assert classifier.status.text().startswith("Refused: no embeddings for OS-1-detail")
+
+    # The same for query layers.
+    pick(similar, cmu)
+    similar.box_button.click()
+    cmu_query = v.layers["similarity query"]
+    pick(similar, os1)
+    assert similar.query_combo.findText(cmu_query.name) == -1
+    similar.box_button.click()
+    assert layer_slide_fingerprint(v.layers.selection.active) == os1_ref.fingerprint
+
+    # Maps refuses on its status line, not only in a notification.
+    pick(maps, os1)
+    maps.pca_button.click()
+    assert maps.status.text().startswith("Refused: no embeddings for OS-1-detail")
+
+    # A library jump showed OS-1 and hid the sample; a map of the sample shows the sample
+    # again (and hides OS-1), named after the slide layer as the user renamed it.
+    switcher_for(v).show(v, os1)
+    assert not cmu.visible and not cmu_regions.visible
+    cmu.name = "sample"
+    pick(maps, cmu)
+    maps.pca_button.click()
+    qtbot.waitUntil(lambda: not maps.is_busy, timeout=TIMEOUT_MS)
+    pca = v.layers["sample · PCA colours"]
+    assert cmu.visible and pca.visible and cmu_regions.visible and not os1.visible
+
+
+def test_a_result_for_a_closed_slide_is_refused(viewer, embedded):
+    from napari_gpfm.errors import ParameterError
+    from napari_gpfm.napari._overlays import rgb_layer
+    from napari_gpfm.napari._session import session_for
+    from napari_gpfm.napari._slide_view import place_result
+
+    v, ref = viewer
+    tiles = session_for(ref).tiles()
+    data = rgb_layer(tiles, np.zeros((len(tiles), 3)), "late map", "pca")
+    v.layers.remove(v.layers[ref.name])  # closed while the map was computing
+    with pytest.raises(ParameterError, match="was closed before its result"):
+        place_result(v, data)
+    assert "late map" not in v.layers

@@ -406,23 +406,59 @@ def labels_from_rois(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Label the tiles under class-tagged ROIs: ``(indices ascending, labels)``.
 
-    Several ROIs may share a class. A tile under ROIs of different classes is dropped: its
+    Several ROIs may share a class. A tile under ROIs of different classes takes the class of
+    the smallest one: a region drawn inside another refines it (an inflamed patch inside the
+    epidermis), as QuPath nests an annotation in the one around it. A tile whose smallest ROIs
+    are of different classes and equal in area (the same region labelled twice) is dropped: its
     label is ambiguous and training on it would teach the probe both answers.
     """
     n = len(coords)
     classes: list[Hashable] = []
     assigned = np.full(n, -1, dtype=np.int64)
+    area = np.full(n, np.inf)
     conflict = np.zeros(n, dtype=bool)
     for roi, cls_value in rois_with_class:
+        region = Roi.coerce(roi)
         if cls_value not in classes:
             classes.append(cls_value)
         code = classes.index(cls_value)
-        idx = tiles_in_roi(coords, tile_size_l0, roi)
-        previous = assigned[idx]
-        conflict[idx[(previous >= 0) & (previous != code)]] = True
-        assigned[idx] = code
+        idx = tiles_in_roi(coords, tile_size_l0, region)
+        size = region.area
+        smaller = idx[size < area[idx]]
+        tied = idx[(size == area[idx]) & (assigned[idx] != code)]
+        assigned[smaller], area[smaller], conflict[smaller] = code, size, False
+        conflict[tied] = True
     keep = np.flatnonzero((assigned >= 0) & ~conflict).astype(np.int64)
     labels = np.array([classes[c] for c in assigned[keep]])
     if keep.size == 0:
         labels = np.zeros(0, dtype=np.int64)
     return keep, labels
+
+
+def left_out_note(
+    classes: Iterable[Hashable],
+    sources: Iterable[tuple[Iterable[tuple[Roi | Sequence | np.ndarray, Hashable]], np.ndarray,
+                            float]],
+) -> str:
+    """Why ``classes`` got no training tile from :func:`labels_from_rois`, in the user's words.
+
+    ``sources``: ``(rois_with_class, coords, tile_size_l0)`` of each slide the regions were
+    drawn on. Either a class's regions hold no embedded tile (background is not embedded), or
+    every tile they hold lies in a smaller region of another class (or one of equal size).
+    """
+    slides = [([(Roi.coerce(roi), name) for roi, name in rois], coords, float(size))
+              for rois, coords, size in sources]
+    empty, covered = [], []
+    for name in classes:
+        holds = any(len(tiles_in_roi(coords, size, roi))
+                    for pairs, coords, size in slides for roi, c in pairs if c == name)
+        (covered if holds else empty).append(repr(str(name)))
+    parts = []
+    if empty:
+        parts.append(f"left out {', '.join(empty)}: no embedded tile has its centre in those "
+                     "regions (only tissue is embedded, so background regions hold none)")
+    if covered:
+        parts.append(f"left out {', '.join(covered)}: every tile of those regions lies in a "
+                     "smaller region of another class, which takes it (or one of the same size, "
+                     "which makes it ambiguous)")
+    return "; ".join(parts)

@@ -176,6 +176,14 @@ class Roi:
         hi = self.vertices.max(axis=0)
         return (float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1]))
 
+    @property
+    def area(self) -> float:
+        """Area in level-0 pixels squared (shoelace formula; 0 for a point)."""
+        if self.kind == "point":
+            return 0.0
+        x, y = self.vertices[:, 0], self.vertices[:, 1]
+        return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
     def contains(self, points: np.ndarray) -> np.ndarray:
         """Boolean mask of the ``(P, 2)`` points inside the region (always False for a point).
 

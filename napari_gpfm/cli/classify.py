@@ -35,7 +35,7 @@ def _training_tiles(pairs: list[str]):
 
     if len(pairs) % 2:
         raise ParameterError("give STORE GEOJSON pairs: each store followed by its regions file")
-    feats, labels, identity, annotated = [], [], None, set()
+    feats, labels, identity, annotated, sources = [], [], None, set(), []
     for store_path, geojson_path in zip(pairs[::2], pairs[1::2], strict=True):
         store = open_store(store_path)
         ident = (store.attrs["encoder_id"], store.attrs["weights_sha256"], store.attrs["tiling_id"])
@@ -53,6 +53,7 @@ def _training_tiles(pairs: list[str]):
                 "(QuPath: Set class) before training"
             )
         idx, lab = labels_from_rois(store.coords, store.tile_size_l0, rois)
+        sources.append((rois, store.coords, store.tile_size_l0))
         if len(idx) == 0:
             raise ParameterError(
                 f"the regions in {geojson_path} cover no embedded tile of {store_path}; "
@@ -60,13 +61,13 @@ def _training_tiles(pairs: list[str]):
             )
         feats.append(store.features[idx])
         labels.extend(str(v) for v in lab)
-    return np.concatenate(feats), labels, identity, annotated
+    return np.concatenate(feats), labels, identity, annotated, sources
 
 
 def run_train(args) -> int:
-    from napari_gpfm.analysis.classify import LinearProbe
+    from napari_gpfm.analysis.classify import LinearProbe, left_out_note
 
-    features, labels, (encoder_id, _, tiling_id), annotated = _training_tiles(args.pairs)
+    features, labels, (encoder_id, _, tiling_id), annotated, sources = _training_tiles(args.pairs)
     names = sorted(set(labels))
     probe = LinearProbe(class_names=names, encoder_id=encoder_id, tiling_id=tiling_id)
     probe.fit(features, labels, seed=args.seed)
@@ -75,8 +76,7 @@ def run_train(args) -> int:
     print(f"trained a {len(names)}-class probe on {len(labels)} tiles ({counts})")
     left_out = sorted(annotated - set(names))
     if left_out:
-        print(f"left out {', '.join(left_out)}: no embedded tile lies in those regions (the "
-              "store holds tissue tiles only; background is not embedded)")
+        print(left_out_note(left_out, sources))
     cv = probe.cv
     if cv is not None and cv.accuracy is not None:
         print(f"cross-validated accuracy {cv.accuracy:.3f}, balanced {cv.balanced_accuracy:.3f} "

@@ -32,12 +32,12 @@ from qtpy.QtWidgets import (
 )
 
 from napari_gpfm.errors import ParameterError
-from napari_gpfm.napari._overlays import edge_width_for, label_layer, place_layer, score_layer
+from napari_gpfm.napari._overlays import edge_width_for, label_layer, score_layer
 from napari_gpfm.napari._qt_common import (
     SlidePicker,
     StoreRow,
     fill_table,
-    guarded,
+    guarded_with_status,
     make_table,
     run_task,
 )
@@ -48,6 +48,7 @@ from napari_gpfm.napari._session import (
     TileSet,
     shape_level0_polygons,
 )
+from napari_gpfm.napari._slide_view import drawn_over, place_result
 
 if TYPE_CHECKING:
     import napari
@@ -144,6 +145,7 @@ class ClassifierWidget(QWidget):
         self.export_button.clicked.connect(lambda: self._ask_export())
         viewer.layers.events.inserted.connect(self._relist)
         viewer.layers.events.removed.connect(self._relist)
+        self.slide_picker.slide_changed.connect(self._relist)
         self._relist()
 
     # ------------------------------------------------------------------ regions layer
@@ -151,9 +153,13 @@ class ClassifierWidget(QWidget):
         from napari.layers import Shapes
 
         current = self.layer_combo.currentText()
+        ref = self.slide_picker.current_ref()
+        # Regions of the chosen slide (or of no slide in particular); never results read back
+        # (tiles of an exported map are predictions, not labels) or query boxes.
         names = [lay.name for lay in self.viewer.layers if isinstance(lay, Shapes)
                  and (lay.metadata.get(OVERLAY_KEY) or {}).get("kind") not in (
-                     "similar-tiles", "query")]
+                     "similar-tiles", "query", "geojson-tiles")
+                 and drawn_over(lay, ref)]
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
         self.layer_combo.addItems(names)
@@ -171,7 +177,7 @@ class ClassifierWidget(QWidget):
         name = self.layer_combo.currentText()
         return next((lay for lay in self.viewer.layers if lay.name == name), None)
 
-    @guarded
+    @guarded_with_status
     def new_regions_layer(self) -> Any:
         """Add an empty regions layer over the chosen slide and make it the training layer."""
         ref = self.slide_picker.require_ref()
@@ -191,7 +197,9 @@ class ClassifierWidget(QWidget):
         from napari.layers import Shapes
 
         layer = self.regions_layer()
-        if layer is None or not isinstance(layer, Shapes):
+        if layer is None or not isinstance(layer, Shapes) or not drawn_over(
+            layer, self.slide_picker.current_ref()
+        ):
             layer = self.new_regions_layer()
             if layer is None:
                 raise ParameterError("open a slide first, then draw regions on it")
@@ -203,7 +211,7 @@ class ClassifierWidget(QWidget):
         role = Qt.ItemDataRole.UserRole
         return [self.class_list.item(i).data(role) for i in range(self.class_list.count())]
 
-    @guarded
+    @guarded_with_status
     def add_class(self, name: str, colour: str | None = None) -> None:
         """Add a class (its colour comes from the palette unless given) and pick it."""
         name = (name or "").strip()
@@ -251,7 +259,7 @@ class ClassifierWidget(QWidget):
         layer.current_edge_color = colour
         layer.current_face_color = colour + FACE_ALPHA
 
-    @guarded
+    @guarded_with_status
     def draw(self, mode: str) -> None:
         """Switch the regions layer (made if needed) to a drawing mode for the picked class."""
         if self.current_class() is None:
@@ -261,7 +269,7 @@ class ClassifierWidget(QWidget):
         self.viewer.layers.selection.active = layer
         layer.mode = mode
 
-    @guarded
+    @guarded_with_status
     def assign_selected(self) -> None:
         """Give the selected regions the picked class (and its colour)."""
         layer = self.regions_layer()
@@ -291,6 +299,12 @@ class ClassifierWidget(QWidget):
         if layer is None or not isinstance(layer, Shapes) or len(layer.data) == 0:
             raise ParameterError(
                 "no labelled regions yet: add a class, press Rectangle and draw on the slide"
+            )
+        if not drawn_over(layer, ref):
+            raise ParameterError(
+                f"the regions of {layer.name!r} were drawn on another slide, not {ref.name}: "
+                "pick that slide, or draw this slide's regions (a new regions layer is made "
+                "when you draw)"
             )
         if "class" not in layer.features.columns:
             raise ParameterError(
@@ -323,31 +337,24 @@ class ClassifierWidget(QWidget):
     def is_busy(self) -> bool:
         return self.worker is not None
 
-    @guarded
+    @guarded_with_status
     def train(self) -> None:
         """Fit the probe on the tiles inside the labelled regions, then map every tile."""
-        from napari_gpfm.analysis.classify import LinearProbe, labels_from_rois
+        from napari_gpfm.analysis.classify import LinearProbe, labels_from_rois, left_out_note
         from napari_gpfm.analysis.geometry import Roi
 
         if self.is_busy:
             return
-        self.status.setText("")  # a refusal below is a notification; no stale line stays
         tiles = self.slide_picker.session().tiles()
         regions = self._labelled_regions(tiles.ref)  # adds classes first seen in the layer
         listed = self.class_names
         unlisted = sorted({name for _, name in regions} - set(listed))
         regions = [(p, name) for p, name in regions if name in listed]
-        keep, labels = labels_from_rois(
-            tiles.coords, tiles.tile_size_l0, [(Roi.polygon(p), name) for p, name in regions]
-        )
+        rois = [(Roi.polygon(p), name) for p, name in regions]
+        keep, labels = labels_from_rois(tiles.coords, tiles.tile_size_l0, rois)
         used = [n for n in listed if n in set(labels.tolist())]
         empty = sorted({name for _, name in regions} - set(used))
-        notes = []
-        if empty:
-            notes.append(
-                f"left out {', '.join(repr(m) for m in empty)}: no embedded tile has its centre "
-                "in those regions (only tissue is embedded, so background regions hold none)"
-            )
+        notes = [left_out_note(empty, [(rois, tiles.coords, tiles.tile_size_l0)])] if empty else []
         if unlisted:
             notes.append(f"ignored the regions of {', '.join(repr(m) for m in unlisted)} "
                          "(removed from the class list)")
@@ -374,6 +381,7 @@ class ClassifierWidget(QWidget):
             fit_and_predict,
             on_result=lambda r: self._show(r[0], r[1], tiles, notes),
             on_finished=self._finished,
+            status=self.status,
         )
 
     def _start(self, message: str) -> None:
@@ -401,7 +409,7 @@ class ClassifierWidget(QWidget):
                 self.add_class(name, colour)
         measurements = {_probability(n): probs[:, i] for i, n in enumerate(names)}
         extra = {"classes": names, "probe": probe.metadata()}
-        place_layer(
+        place_result(
             self.viewer,
             label_layer(tiles, pred, names, colours, f"{tiles.ref.name} · tissue classes",
                         "classes", measurements=measurements, extra=extra),
@@ -411,10 +419,11 @@ class ClassifierWidget(QWidget):
             layer_name = f"{tiles.ref.name} · {_probability(name)}"
             shown = any(lay.name == layer_name for lay in self.viewer.layers)
             if self.prob_check.isChecked() or shown:  # a map already shown is kept current
-                place_layer(
+                place_result(
                     self.viewer,
                     score_layer(tiles, probs[:, i], layer_name, "probability", _probability(name),
                                 colormap="viridis", extra=extra, limits=(0.0, 1.0)),
+                    colour_bar=True,
                 )
         rows = area_table(pred, names, tiles.tile_area_mm2, colours)
         fill_table(
@@ -447,7 +456,7 @@ class ClassifierWidget(QWidget):
                 layer.name = f"{layer.name} · previous classifier"
 
     # ------------------------------------------------------------------ save / load / export
-    @guarded
+    @guarded_with_status
     def save_classifier(self, path: str | Path) -> Path:
         """Write the trained classifier (a .npz of plain arrays + its encoder and tiling)."""
         if self.probe is None:
@@ -456,7 +465,7 @@ class ClassifierWidget(QWidget):
         self.status.setText(f"Classifier saved to {saved}")
         return saved
 
-    @guarded
+    @guarded_with_status
     def load_classifier(self, path: str | Path) -> None:
         """Load a classifier and map the slide; refuse one made for another encoder or tiling."""
         from napari_gpfm.analysis.classify import LinearProbe
@@ -472,9 +481,10 @@ class ClassifierWidget(QWidget):
             probe.predict_proba, tiles.features,
             on_result=lambda probs: self._show(probe, probs, tiles),
             on_finished=self._finished,
+            status=self.status,
         )
 
-    @guarded
+    @guarded_with_status
     def export_predictions(self, path: str | Path) -> Path:
         """Write every mapped tile as a QuPath GeoJSON tile with its class and probabilities."""
         from napari_gpfm.napari._geojson_io import write_tiles_geojson

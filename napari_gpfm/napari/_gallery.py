@@ -34,13 +34,14 @@ from napari_gpfm.library.gallery import (
     Thumbnail,
     gallery_search,
 )
-from napari_gpfm.napari._gallery_nav import SlideSwitcher, go_to_hit
+from napari_gpfm.napari._gallery_nav import go_to_hit
 from napari_gpfm.napari._qt_common import (
     closing_worker_class,
     guarded,
     label_and_button,
     notify_error,
 )
+from napari_gpfm.napari._slide_view import switcher_for
 
 if TYPE_CHECKING:
     from napari_gpfm.library.query import SearchOptions
@@ -127,7 +128,7 @@ class GalleryView(QListWidget):
         metrics = self.fontMetrics()
         for index, hit in enumerate(self.hits):
             name = metrics.elidedText(hit.slide_name, Qt.TextElideMode.ElideMiddle,
-                                      self.thumbnail_px + 8)
+                                      self.thumbnail_px - 8)
             item = QListWidgetItem(_icon(None, self.thumbnail_px, PENDING_GREY),
                                    f"{name}\n{hit.score:.3f}")
             item.setData(HIT_ROLE, index)
@@ -165,7 +166,7 @@ class LibraryResults(QWidget):
         self.worker: Any = None
         self.last_hits: GalleryHits | None = None
         self.thumbnails: dict[int, Thumbnail] = {}
-        self.switcher = SlideSwitcher()
+        self.switcher = switcher_for(viewer)  # shared with the other panels
         self._provenance: dict[str, Any] = {}
         self._failure: str | None = None
 

@@ -1,50 +1,27 @@
 """Going to a library hit in the viewer: open or switch to its slide, frame it, outline it.
 
-Qt-free (napari layers and camera only). Every slide opens at the world origin, so two slides
-shown together would lie on top of each other: going to a hit shows its slide and hides the
-other slides together with the layers drawn over them (their overlays would otherwise float
-over the wrong tissue). What was hidden is remembered per slide and shown again when the user
-comes back to that slide, so nothing the user had visible is lost.
+Qt-free (napari layers and camera only). The hit's slide is shown through the viewer's
+:class:`._slide_view.SlideSwitcher` (one slide at a time, every slide opening at the world
+origin), which hides the other slides with their layers and remembers them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_gpfm.errors import SlideError
 from napari_gpfm.library.gallery import CameraView, box_corners, camera_for_box
 from napari_gpfm.napari._overlays import LayerData, edge_width_for, place_layer
-from napari_gpfm.napari._session import OVERLAY_KEY, SlideRef, slide_layers
+from napari_gpfm.napari._session import OVERLAY_KEY, SlideRef
+from napari_gpfm.napari._slide_view import SlideSwitcher, find_slide_layer
 
 if TYPE_CHECKING:
     from napari_gpfm.library.index import LibraryHit
 
 MATCH_LAYER_SUFFIX = "library match"
 MATCH_COLOUR = "#ffd400"  # yellow: stands out on H&E pink and purple, unlike cyan on blue
-
-
-def layer_slide_fingerprint(layer: Any) -> str | None:
-    """The fingerprint of the slide a layer shows or was drawn over; None for other layers."""
-    ref = SlideRef.from_layer(layer)
-    if ref is not None:
-        return ref.fingerprint
-    meta = getattr(layer, "metadata", None) or {}
-    overlay = meta.get(OVERLAY_KEY) if isinstance(meta, Mapping) else None
-    if not isinstance(overlay, Mapping):
-        return None
-    slide = overlay.get("slide")
-    if isinstance(slide, Mapping) and slide.get("fingerprint"):
-        return str(slide["fingerprint"])
-    return str(overlay["slide_fingerprint"]) if overlay.get("slide_fingerprint") else None
-
-
-def find_slide_layer(viewer: Any, fingerprint: str) -> Any | None:
-    """The open slide layer showing the slide with this content fingerprint, if any."""
-    return next((layer for layer in slide_layers(viewer)
-                 if SlideRef.from_layer(layer).fingerprint == fingerprint), None)
 
 
 def open_slide_layer(viewer: Any, path: str | Path, mpp: float | None = None) -> Any:
@@ -71,27 +48,6 @@ def open_slide_layer(viewer: Any, path: str | Path, mpp: float | None = None) ->
     if layer is None:  # pragma: no cover - our reader always returns the slide layer
         raise SlideError(f"napari-gpfm's reader returned no slide layer for {file}")
     return layer
-
-
-@dataclass
-class SlideSwitcher:
-    """Shows one slide (and what is drawn over it) at a time; remembers what it hid."""
-
-    hidden: dict[str, list[Any]] = field(default_factory=dict)
-
-    def show(self, viewer: Any, slide_layer: Any) -> None:
-        """Make ``slide_layer`` visible and active; hide the other slides and their layers."""
-        target = SlideRef.from_layer(slide_layer).fingerprint
-        for layer in list(viewer.layers):
-            fingerprint = layer_slide_fingerprint(layer)
-            if fingerprint is not None and fingerprint != target and layer.visible:
-                layer.visible = False
-                self.hidden.setdefault(fingerprint, []).append(layer)
-        for layer in self.hidden.pop(target, []):
-            if layer in viewer.layers:
-                layer.visible = True
-        slide_layer.visible = True
-        viewer.layers.selection.active = slide_layer
 
 
 def match_layer_data(ref: SlideRef, hit: LibraryHit, provenance: Mapping[str, Any]) -> LayerData:

@@ -11,12 +11,12 @@ Writers:
   draws with *Measure > Show measurement maps*.
 
 World micrometres are turned into level-0 pixels with the slide the layer was drawn over:
-the one recorded in the layer's metadata, else the only slide open in the viewer.
+the one recorded in the layer's metadata, else the only slide open (or shown) in the viewer.
 
 Both writers record ``{"gpfm": {"slide": {...}}}`` in the FeatureCollection's ``properties``
 (QuPath ignores it). The reader uses it to place the shapes on that slide. A file without it
-(e.g. exported by QuPath) is placed on the only slide open in the viewer when there is one,
-otherwise it stays in level-0 pixels (scale 1) and a warning says so.
+(e.g. exported by QuPath) is placed on the only slide open in the viewer (or, with several
+open, the only one shown), otherwise it stays in level-0 pixels (scale 1) with a warning.
 """
 
 from __future__ import annotations
@@ -56,11 +56,15 @@ def _current_viewer() -> Any:
 
 
 def _only_open_slide() -> SlideRef | None:
+    """The slide open in the viewer; with several open, the one shown (the others hidden, as
+    going to a library hit leaves them); None when that does not single one out."""
     viewer = _current_viewer()
     if viewer is None:
         return None
-    refs = [SlideRef.from_layer(layer) for layer in slide_layers(viewer)]
-    return refs[0] if len(refs) == 1 else None
+    layers = slide_layers(viewer)
+    if len(layers) > 1:
+        layers = [layer for layer in layers if layer.visible]
+    return SlideRef.from_layer(layers[0]) if len(layers) == 1 else None
 
 
 def _open_slide_with(fingerprint: str) -> SlideRef | None:
@@ -86,8 +90,8 @@ def slide_for_layer(meta: Mapping, layer_name: str) -> SlideRef:
     if ref is None:
         raise ParameterError(
             f"cannot tell which slide layer {layer_name!r} belongs to, so its micrometres cannot "
-            "be turned into slide pixels; keep exactly one slide open, or draw the regions in a "
-            "layer made by a napari-gpfm widget"
+            "be turned into slide pixels; show only its slide (hide the others), or draw the "
+            "regions in a layer made by a napari-gpfm widget"
         )
     return ref
 
@@ -303,7 +307,9 @@ def read_geojson_layer(path: Any) -> list[tuple]:
     for m in measurement_names:
         features[m] = [a.measurements.get(m, np.nan) for a in annotations]
 
-    overlay: dict[str, Any] = {"kind": "geojson", "source": str(src)}
+    # Tiles (an exported map: predictions) are never offered as training or query regions.
+    overlay: dict[str, Any] = {"kind": "geojson-tiles" if tiles_like else "geojson",
+                               "source": str(src)}
     kwargs: dict[str, Any] = {
         "name": src.stem,
         "shape_type": kinds,
@@ -324,8 +330,8 @@ def read_geojson_layer(path: Any) -> list[tuple]:
     else:
         kwargs["edge_width"] = 4.0
         show_warning(
-            f"{src.name} does not say which slide it belongs to and no single slide with a pixel "
-            "size is open: its shapes are shown in level-0 pixels (scale 1). Open the slide "
-            "first, then the GeoJSON, to place them on it"
+            f"{src.name} does not say which slide it belongs to, and no single slide with a "
+            "pixel size is open or shown: its shapes are shown in level-0 pixels (scale 1). "
+            "Open (or show only) its slide first, then the GeoJSON, to place them on it"
         )
     return [(data, kwargs, "shapes")]

@@ -24,16 +24,17 @@ from qtpy.QtWidgets import (
 )
 
 from napari_gpfm.errors import ParameterError
-from napari_gpfm.napari._overlays import label_layer, place_layer, rgb_layer, score_layer
+from napari_gpfm.napari._overlays import label_layer, rgb_layer, score_layer
 from napari_gpfm.napari._qt_common import (
     SlidePicker,
     StoreRow,
     fill_table,
-    guarded,
+    guarded_with_status,
     make_table,
     run_task,
 )
 from napari_gpfm.napari._session import session_for
+from napari_gpfm.napari._slide_view import place_result
 
 if TYPE_CHECKING:
     import napari
@@ -155,7 +156,7 @@ class MapsWidget(QWidget):
         self._set_busy(False, self.status.text() if self.status.text() != "Working…" else "")
 
     # ------------------------------------------------------------------ PCA
-    @guarded
+    @guarded_with_status
     def show_pca(self) -> None:
         """Colour tiles by their first three principal components (RGB overlay)."""
         from napari_gpfm.analysis.maps import pca_rgb
@@ -171,13 +172,14 @@ class MapsWidget(QWidget):
 
         def done(rgb: np.ndarray) -> None:
             name = f"{tiles.ref.name} · PCA colours"
-            place_layer(self.viewer, rgb_layer(tiles, rgb, name, "pca"))
+            place_result(self.viewer, rgb_layer(tiles, rgb, name, "pca"))
             self.status.setText(f"PCA colours of {len(tiles)} tiles")
 
-        self.worker = run_task(pca_rgb, tiles.features, on_result=done, on_finished=self._finished)
+        self.worker = run_task(pca_rgb, tiles.features, on_result=done, on_finished=self._finished,
+                               status=self.status)
 
     # ------------------------------------------------------------------ clusters
-    @guarded
+    @guarded_with_status
     def show_clusters(self) -> None:
         """k-means clusters as a Labels layer and a table of their areas."""
         from napari_gpfm.analysis.colours import rgb_to_hex
@@ -197,7 +199,7 @@ class MapsWidget(QWidget):
             colours = [rgb_to_hex(c) for c in result.colours]
             names = [f"cluster {i + 1}" for i in range(result.k)]
             rows = cluster_table(result.labels, result.k, tiles.tile_area_mm2, result.colours)
-            place_layer(
+            place_result(
                 self.viewer,
                 label_layer(
                     tiles, result.labels, names, colours, f"{tiles.ref.name} · clusters",
@@ -218,7 +220,8 @@ class MapsWidget(QWidget):
             self.status.setText(f"{result.k} clusters of {len(tiles)} tiles{partial}")
 
         self.worker = run_task(
-            kmeans_clusters, tiles.features, k, on_result=done, on_finished=self._finished
+            kmeans_clusters, tiles.features, k, on_result=done, on_finished=self._finished,
+            status=self.status,
         )
 
     # ------------------------------------------------------------------ scores
@@ -239,7 +242,7 @@ class MapsWidget(QWidget):
         else:
             self.score_combo.addItem("(none yet: run a similarity search or train a classifier)")
 
-    @guarded
+    @guarded_with_status
     def show_score(self, name: str | None = None) -> None:
         """Show a per-tile score as an image with the chosen colour map."""
         session = self.slide_picker.session()
@@ -251,12 +254,15 @@ class MapsWidget(QWidget):
                 "no score to show yet: find similar regions or train the ROI classifier first"
             )
         score = scores[name]
-        place_layer(
+        # Its own layer ("... · score map"): the panel that made the score keeps its layer
+        # (a classifier's probability map stays 0-1, viridis, and is updated by retraining).
+        place_result(
             self.viewer,
             score_layer(
-                score.tiles, score.values, f"{score.tiles.ref.name} · {name}", "score",
-                name, colormap=self.cmap_combo.currentText(),
+                score.tiles, score.values, f"{score.tiles.ref.name} · {name} · score map",
+                "score", name, colormap=self.cmap_combo.currentText(),
                 extra={"score": name, "description": score.description},
             ),
+            colour_bar=True,
         )
         self.status.setText(f"Showing {name}")

@@ -75,22 +75,35 @@ def run_task(
     *args: Any,
     on_result: Callable[[Any], None],
     on_finished: Callable[[], None] | None = None,
+    status: QLabel | None = None,
 ) -> Any:
     """Run ``func(*args)`` in a worker thread; ``on_result`` gets its value on the main thread.
 
-    A GPFMError raised by ``func`` is shown as an error notification; any other exception is a
-    bug and is re-raised on the main thread (napari shows it with its traceback).
+    A GPFMError raised by ``func`` or by ``on_result`` (e.g. the slide was closed meanwhile) is
+    shown as an error notification, and on the ``status`` line when one is given; any other
+    exception is a bug and is re-raised on the main thread (napari shows it with its traceback).
     """
     from napari.qt.threading import create_worker
     from superqt.utils import FunctionWorker
 
+    def report(exc: GPFMError, prefix: str) -> None:
+        if status is not None:
+            status.setText(f"{prefix}: {exc}")
+        notify_error(exc)
+
     def on_error(exc: BaseException) -> None:
         if isinstance(exc, GPFMError):
-            notify_error(exc)
+            report(exc, "Failed")
         else:
             raise exc
 
-    connect: dict[str, Any] = {"returned": guarded(on_result), "errored": on_error}
+    def on_returned(value: Any) -> None:
+        try:
+            on_result(value)
+        except GPFMError as exc:
+            report(exc, "Not shown")
+
+    connect: dict[str, Any] = {"returned": on_returned, "errored": on_error}
     if on_finished is not None:
         connect["finished"] = on_finished
     # superqt's worker class: napari's own relays each exception as a traceback notification.
@@ -119,7 +132,11 @@ class SlidePicker(QComboBox):
         """Relist the slide layers, keeping the current choice when it is still open."""
         current = self.current_layer()
         layers = slide_layers(self.viewer)
-        if layers == self._layers:
+        for layer in layers:
+            if layer not in self._layers:  # follow renames: results are named after the layer
+                layer.events.name.connect(self._refresh_event)
+        names = [layer.name for layer in layers]
+        if layers == self._layers and names == [self.itemText(i) for i in range(self.count())]:
             return
         self.blockSignals(True)
         self.clear()

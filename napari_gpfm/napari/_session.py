@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,12 @@ class SlideRef:
             return None
         scale = tuple(float(v) for v in np.asarray(layer.scale)[-2:])
         translate = tuple(float(v) for v in np.asarray(layer.translate)[-2:])
-        return cls.from_metadata({**info, "scale": scale, "translate": translate})
+        # The layer's name, not the file's: napari keeps layer names unique ("x.svs [1]" for a
+        # second x.svs), and result layers are named after it, so two slides of the same file
+        # name never share (and overwrite) each other's maps.
+        return cls.from_metadata(
+            {**info, "name": layer.name, "scale": scale, "translate": translate}
+        )
 
     @classmethod
     def from_metadata(cls, info: Mapping) -> SlideRef:
@@ -364,6 +369,14 @@ class SlideSession:
             )
         key = (str(path.resolve()), n_done)
         if self._tiles is not None and self._tiles_key == key:
+            if self._tiles.ref != self.ref:
+                # The slide layer was renamed or moved: the same rows under its new name and
+                # place (results are named after it and drawn where it is), scores kept.
+                fresh = replace(self._tiles, ref=self.ref)
+                for score in self.scores.values():
+                    if score.tiles is self._tiles:
+                        score.tiles = fresh
+                self._tiles = fresh
             return self._tiles
         attrs = store.attrs
         self._tiles = TileSet(

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
 from napari_gpfm.errors import ParameterError
 from napari_gpfm.library.gallery import camera_for_box
 from napari_gpfm.napari._gallery import LibraryResults, LibraryRow
-from napari_gpfm.napari._overlays import edge_width_for, place_layer, score_layer, tile_boxes_layer
+from napari_gpfm.napari._overlays import edge_width_for, score_layer, tile_boxes_layer
 from napari_gpfm.napari._qt_common import (
     SlidePicker,
     StoreRow,
@@ -46,6 +46,13 @@ from napari_gpfm.napari._session import (
     TileSet,
     points_level0,
     shape_level0_polygons,
+)
+from napari_gpfm.napari._slide_view import (
+    drawn_over,
+    find_slide_layer,
+    layer_slide_fingerprint,
+    place_result,
+    reveal_slide,
 )
 
 if TYPE_CHECKING:
@@ -154,6 +161,7 @@ class SimilarWidget(QWidget):
         self.library_results.message.connect(self.status.setText)
         viewer.layers.events.inserted.connect(self._relist)
         viewer.layers.events.removed.connect(self._relist)
+        self.slide_picker.slide_changed.connect(self._relist)
         self._relist()
         self._show_scope()
 
@@ -180,9 +188,11 @@ class SimilarWidget(QWidget):
         from napari.layers import Points, Shapes
 
         current = self.query_combo.currentText()
+        ref = self.slide_picker.current_ref()
         names = [lay.name for lay in self.viewer.layers if isinstance(lay, Shapes | Points)
                  and (lay.metadata.get(OVERLAY_KEY) or {}).get("kind") not in (
-                     "similar-tiles", "geojson-tiles")]
+                     "similar-tiles", "geojson-tiles")
+                 and drawn_over(lay, ref)]
         self.query_combo.blockSignals(True)
         self.query_combo.clear()
         self.query_combo.addItems(names)
@@ -203,13 +213,16 @@ class SimilarWidget(QWidget):
 
         ref = self.slide_picker.require_ref()
         slide_layer = self.slide_picker.current_layer()
-        if slide_layer is not None and not slide_layer.visible:
+        if slide_layer is not None:
             # Hidden by going to a library hit: bring the slide (and its layers) back to draw on.
-            self.library_results.switcher.show(self.viewer, slide_layer)
+            reveal_slide(self.viewer, slide_layer)
         wanted = Points if mode == "add" else Shapes
         name = f"{QUERY_LAYER} points" if mode == "add" else QUERY_LAYER
+        # This slide's query layer: another slide's (same name, or "name [1]") stays its own.
         layer = next((lay for lay in self.viewer.layers
-                      if lay.name == name and isinstance(lay, wanted)), None)
+                      if isinstance(lay, wanted) and lay.name.startswith(name)
+                      and (lay.metadata.get(OVERLAY_KEY) or {}).get("kind") == "query"
+                      and layer_slide_fingerprint(lay) == ref.fingerprint), None)
         if layer is None:
             meta = {OVERLAY_KEY: {"kind": "query", "slide": ref.to_metadata()}}
             if wanted is Shapes:
@@ -239,6 +252,11 @@ class SimilarWidget(QWidget):
             raise ParameterError(
                 "no query yet: press 'Draw box' (or 'Draw polygon', 'Click point') and draw on "
                 "the tissue you want to match"
+            )
+        if not drawn_over(layer, ref):
+            raise ParameterError(
+                f"the query layer {layer.name!r} was drawn on another slide, not {ref.name}: "
+                "pick that slide, or press 'Draw box' to draw a query on this one"
             )
         if isinstance(layer, Shapes):
             index = _selected_or_last(layer, len(layer.data))
@@ -296,12 +314,13 @@ class SimilarWidget(QWidget):
         session.publish_score(score_name, scores, tiles, description)
         extra = {"query": description, "query_tiles": result.query_indices.tolist(),
                  "k": int(self.k_spin.value()), "exclude_query": self.exclude_check.isChecked()}
-        place_layer(
+        place_result(
             self.viewer,
             score_layer(tiles, scores, f"{tiles.ref.name} · similarity", "similarity",
                         score_name, colormap="inferno", extra=extra),
+            colour_bar=True,
         )
-        place_layer(
+        place_result(
             self.viewer,
             tile_boxes_layer(tiles, result.indices, result.scores,
                              f"{tiles.ref.name} · similar tiles", "similar-tiles", extra=extra),
@@ -353,6 +372,11 @@ class SimilarWidget(QWidget):
         ):
             return
         ref = self.last_tiles.ref
+        slide_layer = find_slide_layer(self.viewer, ref.fingerprint)
+        if slide_layer is None:
+            self.status.setText(f"{ref.name} is no longer open; open it and search again")
+            return
+        reveal_slide(self.viewer, slide_layer)  # a library hit may have switched to another
         view = camera_for_box(self.last_result.boxes[row], ref.scale_yx, ref.translate_yx,
                               self.viewer.canvas.size, ZOOM_TILES)
         camera = self.viewer.scene.camera
