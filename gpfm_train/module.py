@@ -605,6 +605,12 @@ class GPFMPretrainModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self._fsdp_wrapped or self._trainer is None or not _is_fsdp(self.trainer.strategy):
             return
+        if self.config.schedule.freeze_backbone_epochs:
+            # FSDP keeps gradients in flat shards: the backbone's cannot be dropped alone.
+            raise ConfigError(
+                "model.schedule.freeze_backbone_epochs needs the ddp strategy (or one device), "
+                "not fsdp; set it to 0 or use trainer.strategy=ddp"
+            )
         if self.config.backbone.grad_checkpointing:
             # The strategy checkpoints the blocks (activation_checkpointing_policy); timm's
             # own checkpoint_seq around FSDP units would recompute through them a second way.
@@ -637,6 +643,12 @@ class GPFMPretrainModule(pl.LightningModule):
 
         losses = self(batch, values["teacher_temp"])
         self.manual_backward(losses["total"])
+        cfg = self.config.schedule
+        if self.global_step < cfg.freeze_backbone_epochs * cfg.epoch_length:
+            # No gradient, no AdamW update (nor weight decay) for the backbone; every rank
+            # drops the same (already reduced) gradients, so DDP stays in step.
+            for param in self.distiller.student["backbone"].parameters():
+                param.grad = None
         optimizer.step()  # -> precision plugin: unscale, on_before_optimizer_step (clip), step
         optimizer.zero_grad(set_to_none=True)
         self._update_teacher(values["momentum"])

@@ -98,6 +98,10 @@ class ScheduleConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
     freeze_last_layer_epochs: int = 1
+    # Not in the recipe: train the heads alone (student backbone frozen) for this many epochs,
+    # for a run that starts from exported weights, which hold a backbone but no heads: the
+    # fresh heads' first, random targets would otherwise pull the pretrained features apart.
+    freeze_backbone_epochs: int = 0
 
     @property
     def total_iters(self) -> int:

@@ -251,3 +251,32 @@ def test_experts_load_from_the_registry_frozen_and_outside_the_state_dict(expert
                    for k in module.state_dict())
     assert module.distiller.student["expert_heads"]["small"].last_layer.weight.shape[0] == 64
     assert module.hparams["experts"][0]["encoder"] == "timm:test_vit"
+
+
+def test_freeze_backbone_epochs_trains_the_heads_alone_first(tmp_path):
+    """From exported weights (a backbone, no heads), the heads can learn first: while frozen the
+    student backbone (and so its EMA teacher) keeps its weights exactly, and moves after."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Snapshots(Callback):
+        def __init__(self):
+            self.backbone, self.head = {}, {}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            student = module.distiller.student
+            self.backbone[trainer.global_step] = [p.detach().clone()
+                                                  for p in student["backbone"].parameters()]
+            self.head[trainer.global_step] = [p.detach().clone()
+                                              for p in student["dino_head"].parameters()]
+
+    snaps = Snapshots()
+    run = load_run_config("tiny_cpu.yaml", tiny_overrides(
+        tmp_path, **{"trainer.max_steps": 4, "model.schedule.epoch_length": 2,
+                     "model.schedule.warmup_epochs": 0, "model.schedule.freeze_last_layer_epochs": 0,
+                     "model.schedule.freeze_backbone_epochs": 1}))
+    assert fit(run, callbacks=[snaps]).trainer.global_step == 4
+    same = [torch.equal(a, b) for a, b in zip(snaps.backbone[1], snaps.backbone[2], strict=True)]
+    assert all(same), "the backbone must not move during the frozen epoch (steps 1-2)"
+    assert not all(torch.equal(a, b) for a, b in zip(snaps.head[1], snaps.head[2], strict=True))
+    assert not all(torch.equal(a, b)
+                   for a, b in zip(snaps.backbone[2], snaps.backbone[4], strict=True))
