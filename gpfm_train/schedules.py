@@ -103,6 +103,17 @@ class ScheduleConfig:
     # fresh heads' first, random targets would otherwise pull the pretrained features apart.
     freeze_backbone_epochs: int = 0
 
+    def __post_init__(self) -> None:
+        # A negative count would slice the schedules from their end (freeze_last_layer_epochs
+        # -1 froze the last layer for all but the final epoch) instead of failing.
+        for name in ("epoch_length", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs",
+                     "freeze_backbone_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+
     @property
     def total_iters(self) -> int:
         return self.epochs * self.epoch_length

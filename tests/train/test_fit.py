@@ -141,6 +141,10 @@ def _empty_manifest(tmp_path: Path, rows: str = "") -> Path:
     ("args", "expected"),
     [
         (["--set", "model.schedule.epochz=3"], "model.schedule: unknown option(s) epochz"),
+        # A negative count sliced the schedules from their end instead of failing.
+        (["--set", "model.schedule.freeze_last_layer_epochs=-1"],
+         "model.schedule: freeze_last_layer_epochs=-1 must be >= 0"),
+        (["--set", "model.schedule.epochs=0"], "model.schedule: epochs=0 must be >= 1"),
         (["--trainer.strategy", "horovod"], "strategy='horovod'"),
         (["--data.batch_size", "many"], "data.batch_size: expected an integer, got 'many'"),
         (["--set", "model.backbone.drop_path_rate=[1, 2]"], "expected a number"),
