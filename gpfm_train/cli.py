@@ -345,6 +345,34 @@ def load_run_config(
 
 
 # ---------------------------------------------------------------------------- fit
+def _relocate_checkpoint_state(state: dict[str, Any], dirpath: Path) -> dict[str, Any]:
+    """The checkpoint callback's saved bookkeeping, moved to ``dirpath``.
+
+    A run resumed in another folder than it was saved in (the run folder moved or copied, or
+    a run branched from another's checkpoint) would otherwise lose it: Lightning then writes
+    ``last-v1.ckpt`` beside the stale ``last.ckpt`` (which the documented
+    ``gpfm-train export .../last.ckpt`` would read) and stops pruning the older step
+    checkpoints. Each saved path is taken by its file name in ``dirpath``, where that file
+    exists; the others are forgotten (the folder they were in is not touched).
+    """
+
+    def here(path: Any) -> str:
+        if not path:
+            return ""
+        moved = dirpath / Path(str(path)).name
+        return str(moved) if moved.is_file() else ""
+
+    relocated = dict(state, dirpath=str(dirpath))
+    relocated["best_k_models"] = {
+        here(p): score for p, score in (state.get("best_k_models") or {}).items() if here(p)
+    }
+    for key in ("last_model_path", "best_model_path", "kth_best_model_path"):
+        relocated[key] = here(state.get(key))
+    if not relocated["best_model_path"]:
+        relocated["best_model_score"] = None
+    return relocated
+
+
 def _checkpoint_callback(**kwargs: Any) -> Any:
     """A ``ModelCheckpoint`` that also saves the final step of a run.
 
@@ -354,6 +382,12 @@ def _checkpoint_callback(**kwargs: Any) -> Any:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class FinalStepCheckpoint(ModelCheckpoint):
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            moved_from = state_dict.get("dirpath")
+            if moved_from and self.dirpath and Path(moved_from) != Path(self.dirpath):
+                state_dict = _relocate_checkpoint_state(state_dict, Path(self.dirpath))
+            super().load_state_dict(state_dict)
+
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             if trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer):
                 candidates = self._monitor_candidates(trainer)

@@ -161,6 +161,30 @@ def test_cli_resume_from_last(runs, capsys):
         assert len(err) == 1 and "not a readable training checkpoint" in err[0], err
 
 
+def test_a_moved_run_folder_resumes_twice_into_its_own_last_ckpt(runs, capsys):
+    # Lightning forgets its checkpoint bookkeeping when the folder changes: it then wrote
+    # last-v1.ckpt beside a stale last.ckpt (the one `gpfm-train export .../last.ckpt` reads)
+    # and never pruned the steps saved before the move.
+    before, moved = runs["root"] / "before-move", runs["root"] / "moved"
+
+    def args(root: Path, steps: int) -> list[str]:
+        return ["fit", "--config", "tiny_cpu.yaml", *set_args(_overrides(root, **{
+            "trainer.max_steps": steps, "trainer.checkpoint_every_n_steps": 1,
+            "trainer.keep_checkpoints": 2}))]
+
+    assert main(args(before, 2)) == 0
+    before.rename(moved)
+    for steps in (4, STEPS):
+        assert main(args(moved, steps) + ["--ckpt-path", "last"]) == 0
+        assert f"trained to step {steps}" in capsys.readouterr().out
+    checkpoints = moved / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        f"gpfm-step={STEPS - 1:08d}.ckpt", f"gpfm-step={STEPS:08d}.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == STEPS
+    assert not before.exists()
+
+
 def test_the_progress_bar_counts_the_run_s_steps_from_where_it_resumes(runs, capsys):
     # Lightning's own bar said "Epoch 1/-2" and "6/3" here (its epoch means nothing for an
     # infinite stream; steps done from zero against steps left).
