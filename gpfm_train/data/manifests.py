@@ -573,7 +573,8 @@ def build_slide_manifest(
 
     A slide that fails to open or tile is skipped with its reason, never fatal. A slide with no
     pixel size in its file is tiled at ``default_mpp`` (recorded in its ``mpp`` column) or, when
-    that is None, skipped. Slides without a single tissue tile are skipped too.
+    that is None, skipped. Slides without a single tissue tile are skipped too, and so is a
+    copy of a slide already listed (same content fingerprint): its tiles would count twice.
 
     Args:
         paths: folders (searched recursively for slide files) and/or slide files.
@@ -584,6 +585,7 @@ def build_slide_manifest(
         progress: called as ``progress(i, n, path)`` before each slide.
     """
     from napari_gpfm.slides import open_slide
+    from napari_gpfm.slides.slide import file_fingerprint
     from napari_gpfm.tiling import TilingSpec, make_grid
 
     spec = spec or TilingSpec()
@@ -595,11 +597,17 @@ def build_slide_manifest(
     root_path = Path(root).expanduser() if root is not None else Path.cwd()
     rows: list[SlideRow] = []
     skipped: list[tuple[str, str]] = []
+    listed: dict[str, str] = {}  # content fingerprint -> the manifest path listing it
     for i, path in enumerate(slides):
         if progress is not None:
             progress(i, len(slides), path)
         shown = _manifest_path(path, root_path)
         try:
+            fingerprint = file_fingerprint(path)
+            if fingerprint in listed:
+                skipped.append((shown, f"the same slide as {listed[fingerprint]} (identical "
+                                       "content), listed once"))
+                continue
             override = None
             with open_slide(path) as slide:
                 has_mpp = slide.has_mpp
@@ -629,6 +637,7 @@ def build_slide_manifest(
                 )
             )
             continue
+        listed[fingerprint] = shown
         rows.append(SlideRow(shown, override, len(grid), spec.id, source, organ, split))
     return SlideManifestBuild(rows=rows, skipped=skipped, spec_id=spec.id)
 

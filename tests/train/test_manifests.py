@@ -203,10 +203,12 @@ def test_tile_manifest_rows_and_calibration_check(tmp_path):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, extra_he_dir, sample_slide_path):
-    """A copy of data/extra-he plus the sample slide and one broken slide file."""
+    """A copy of data/extra-he plus the sample slide (twice) and one broken slide file."""
     root = tmp_path_factory.mktemp("corpus")
     shutil.copytree(extra_he_dir, root / "extra-he")
     shutil.copy(sample_slide_path, root / "extra-he" / sample_slide_path.name)
+    (root / "extra-he" / "copies").mkdir()
+    shutil.copy(sample_slide_path, root / "extra-he" / "copies" / "renamed.svs")
     (root / "extra-he" / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 64)
     return root
 
@@ -240,6 +242,9 @@ def test_build_counts_tissue_tiles_and_skips_what_it_cannot_tile(built, sample_s
         "--default-mpp" in skipped["extra-he/histolab_fixtures/slides/tcga-cr-7395-01a-01-ts1.svs"]
     )
     assert "broken.svs" in "".join(skipped)  # reported, not fatal
+    # A renamed copy would count the same tiles twice.
+    assert skipped["extra-he/copies/renamed.svs"] == (
+        "the same slide as extra-he/CMU-1-Small-Region.svs (identical content), listed once")
 
     tcga = {r.slide_path: r for r in with_default.rows}[
         "extra-he/histolab_fixtures/slides/tcga-cr-7395-01a-01-ts1.svs"
