@@ -169,6 +169,9 @@ def test_corrupted_or_foreign_stores_raise_store_error(tmp_path, slide, grid):
 
     path = tmp_path / "s.zarr"
     _full_store(path, slide, grid)
+    # The folder holding a store (gpfm embed's per-slide folder) names what it holds.
+    with pytest.raises(StoreError, match=r"no zarr.json\); it holds s\.zarr: point to one"):
+        EmbeddingStore.open(tmp_path)
     shutil.rmtree(path / "done")
     with pytest.raises(StoreError, match="missing array 'done'"):
         EmbeddingStore.open(path)

@@ -357,10 +357,12 @@ class EmbeddingStore:
         if not path.exists():
             raise StoreError(f"no embedding store at {path}; make one with `gpfm embed`")
         if not (path / "zarr.json").is_file():
-            raise StoreError(
-                f"{path} is not an embedding store (no zarr.json); point to a .zarr folder "
-                "written by `gpfm embed`"
-            )
+            # `gpfm embed --out DIR` writes DIR/<slide>/<encoder>-<tiling>.zarr: a user who
+            # passes the slide's folder is told which stores it holds.
+            inside = sorted(p.name for p in path.glob("*.zarr") if (p / "zarr.json").is_file())
+            hint = (f"; it holds {', '.join(inside)}: point to one of them" if inside else
+                    "; point to a .zarr folder written by `gpfm embed`")
+            raise StoreError(f"{path} is not an embedding store (no zarr.json){hint}")
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
             attrs = group.attrs.asdict()
