@@ -32,7 +32,6 @@ import os
 import re
 import sys
 import warnings
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -530,22 +529,31 @@ _EXPECTED_LIGHTNING_WARNINGS = (
 
 def fit(run: RunConfig, ckpt_path: str | None = None, callbacks: Sequence[Any] = ()) -> FitRun:
     """Train ``run`` (resuming from ``ckpt_path``: a ``.ckpt`` or ``"last"``)."""
+    from gpfm_train.resume import (
+        check_resumable,
+        read_checkpoint,
+        refuse_other_run_folder,
+        resolve_checkpoint,
+    )
+
+    ckpt_dir = Path(run.trainer.default_root_dir).expanduser() / "checkpoints"
+    path = resolve_checkpoint(ckpt_path, ckpt_dir)
+    ckpt = None
+    if path is not None:
+        ckpt = read_checkpoint(path)
+        refuse_other_run_folder(path, ckpt_dir)
+        if ckpt_path == "last" and not path.name.startswith("last"):
+            _say(f"no last.ckpt in {ckpt_dir} (the run was killed): resuming from {path.name}")
     prepared = prepare_fit(run, callbacks)
-    if ckpt_path not in (None, "last"):
-        path = Path(ckpt_path).expanduser()
-        if not path.exists():
-            raise ConfigError(f"--ckpt-path {ckpt_path}: no such checkpoint file")
-        # torch.save writes a zip archive; anything else (a truncated copy, another file) would
-        # fail deep inside Lightning. A folder is a sharded checkpoint, left to the strategy.
-        if path.is_file() and not zipfile.is_zipfile(path):
-            raise ConfigError(
-                f"--ckpt-path {ckpt_path}: not a readable training checkpoint (truncated, or "
-                "not written by gpfm-train fit); pass a .ckpt from the run's checkpoints folder"
-            )
+    if ckpt is not None:
+        for warning in check_resumable(ckpt, path, prepared.module):
+            _say(f"warning: {warning}")
+        del ckpt  # memory-mapped; Lightning reads the file again itself
     with warnings.catch_warnings():
         for message in _EXPECTED_LIGHTNING_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
-        prepared.trainer.fit(prepared.module, datamodule=prepared.datamodule, ckpt_path=ckpt_path)
+        prepared.trainer.fit(prepared.module, datamodule=prepared.datamodule,
+                             ckpt_path=None if path is None else str(path))
     return prepared
 
 
@@ -561,10 +569,6 @@ def run_fit(args: argparse.Namespace) -> int:
         return 0
     ckpt = args.ckpt_path
     ckpt_dir = Path(run.trainer.default_root_dir).expanduser() / "checkpoints"
-    if ckpt == "last" and not (ckpt_dir / "last.ckpt").is_file():
-        raise ConfigError(
-            f"--ckpt-path last: {ckpt_dir / 'last.ckpt'} does not exist yet; start without it"
-        )
     if ckpt is None and any(ckpt_dir.glob("*.ckpt")):
         # A fresh run here would write last-v1.ckpt beside the old last.ckpt, and
         # "--ckpt-path last" would then resume the old run.

@@ -136,7 +136,7 @@ def test_cli_resume_from_last(runs, capsys):
     args = ["fit", "--config", "tiny_cpu.yaml"]
     args += set_args(_overrides(root, **{"trainer.max_steps": 2}))
     assert main(args + ["--ckpt-path", "last"]) == 2
-    assert "does not exist yet" in capsys.readouterr().err
+    assert "holds no checkpoint yet" in capsys.readouterr().err
     assert main(args) == 0
     assert (root / "checkpoints" / "last.ckpt").is_file()
     # Checkpoints every 3 steps: step 3, and the final step 5 although 5 is no multiple of 3.
@@ -155,10 +155,38 @@ def test_cli_resume_from_last(runs, capsys):
     assert "checkpoints of an earlier run" in capsys.readouterr().err
     truncated = root / "truncated.ckpt"
     truncated.write_bytes((root / "checkpoints" / "last.ckpt").read_bytes()[:4096])
-    for bad in (truncated, Path(__file__)):
+    exported = root / "weights.pth"  # a torch zip archive, but weights, not a checkpoint
+    torch.save({"model": torch.zeros(2)}, exported)
+    for bad in (truncated, Path(__file__), exported):
         assert main(longer + ["--ckpt-path", str(bad)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "not a readable training checkpoint" in err[0], err
+    assert main(longer + ["--ckpt-path", str(root)]) == 2
+    assert "is a folder; pass a .ckpt file" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_network_or_run_and_names_changed_schedules(runs, capsys):
+    root = runs["root"] / "checks"
+    args = ["fit", "--config", "tiny_cpu.yaml", *set_args(_overrides(root))]
+    assert main(args) == 0
+    capsys.readouterr()
+    other = [a.replace("trainer.max_steps=6", "model.backbone.drop_path_rate=0.1") for a in args]
+    wider = other + ["--set", "model.distill.head_bottleneck_dim=16"]
+    assert main(wider + ["--ckpt-path", "last"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another network than this configuration" in err[0], err
+    assert "model.distill.head_bottleneck_dim (" in err[0]
+    # A checkpoint of another folder into this run's folder would overwrite its last.ckpt.
+    assert main(args + ["--ckpt-path", str(runs["ckpt"])]) == 2
+    assert "holds the checkpoints of another run" in capsys.readouterr().err
+    # A run killed hard between saves may leave step checkpoints but no last.ckpt.
+    (root / "checkpoints" / "last.ckpt").unlink()
+    longer = args + ["--set", "trainer.max_steps=7", "--set", "model.schedule.epochs=5"]
+    assert main(longer + ["--ckpt-path", "last"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from gpfm-step={STEPS:08d}.ckpt" in out
+    assert f"warning: resuming at step {STEPS} with changed options: model.schedule.epochs " \
+           "(4 -> 5)" in out and "trained to step 7" in out
 
 
 def test_a_moved_run_folder_resumes_twice_into_its_own_last_ckpt(runs, capsys):
