@@ -208,3 +208,34 @@ def test_image_query_with_other_weights_is_refused(capsys, embedded):
                         "--weights", other, "--device", "cpu")
     assert code == 2 and "sha256" in err and "pass the weights the stores were made with" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def _synthetic_store(slide_path, store_path, seed, gen, overwrite=False):
+    meta = {"encoder_id": "timm:x@ababababab", "encoder_name": "timm:x",
+            "weights_sha256": "ab" * 32, "embed_dim": D}
+    write_synthetic_slide(slide_path, 256, 256, mpp=0.5, seed=seed)
+    with open_slide(slide_path) as slide:
+        store = EmbeddingStore.create(store_path, slide=slide, grid=make_grid(slide, SPEC),
+                                      encoder_meta=meta, overwrite=overwrite)
+        store.write(np.arange(store.n_tiles), gen.chunk(0, store.n_tiles))
+        store.finalize()
+
+
+def test_a_changed_slide_is_reported_and_its_new_store_replaces_it(tmp_path, capsys):
+    # Before, `index add` of the re-embedded store kept the old entry beside the new one (the
+    # fingerprint differs), and every search then asked for the same `index add` again.
+    gen = ClusteredEmbeddings(D, n_clusters=4, seed=0)
+    slide, store = tmp_path / "s.tif", tmp_path / "emb" / "s" / "x.zarr"
+    _synthetic_store(slide, store, 0, gen)
+    lib = tmp_path / "lib"
+    assert gpfm(capsys, "index", "build", store, "--out", lib, "--quiet")[0] == 0
+    _synthetic_store(slide, store.with_name("tmp.zarr"), 1, gen)  # the slide file changes
+    code, out, _ = gpfm(capsys, "index", "info", lib)
+    assert code == 0 and "slide changed" in out
+    assert f"`gpfm embed {slide} --out {store.parent.parent} --overwrite`" in out
+    _synthetic_store(slide, store, 1, gen, overwrite=True)
+    code, out, err = gpfm(capsys, "index", "add", lib, store, "--quiet")
+    assert code == 0 and out.startswith("added 0 slides, refreshed 1: 1 slides"), (out, err)
+    code, out, err = gpfm(capsys, "index", "search", lib, "--store", store, "--roi", "64,64")
+    assert code == 0 and "rank" in out, err
+    assert [s["status"] for s in LibraryIndex.open(lib).info()["slides"]] == ["ok"]

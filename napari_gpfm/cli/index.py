@@ -176,6 +176,12 @@ def run_info(args) -> int:
               f"rebuild with `gpfm index build ... --overwrite`")
     for s in info["slides"]:
         print(f"  {s['fingerprint'][:12]}  {s['tiles']:>8}  {s['status']:<14} {s['path']}")
+    for s in info["slides"]:
+        if s["status"] == "slide changed":
+            print(f"note       {Path(s['path']).name} changed since it was embedded: "
+                  f"`gpfm embed {s['path']} --out {Path(s['store']).parent.parent} "
+                  f"--overwrite` (with its embedding options), then "
+                  f"`gpfm index add {info['path']} {s['store']}`")
     return 0
 
 

@@ -344,8 +344,10 @@ class LibraryIndex:
             for source in sources:
                 check_compatible(source, meta["identity"], str(self.path))
             _refuse_duplicates(sources)
-            by_fp = {s["slide_fingerprint"]: s for s in meta["slides"]}
-            replaced = [by_fp[src.fingerprint] for src in sources if src.fingerprint in by_fp]
+            # The same slide: same content, or the same store or slide file re-embedded after
+            # the slide changed (its fingerprint then differs from the entry's).
+            replaced = [s for s in meta["slides"]
+                        if any(_same_slide(s, src) for src in sources)]
             new_slides = []
             for i, source in enumerate(sources, 1):
                 say(f"copying {i}/{len(sources)}: {source.path}")
@@ -355,9 +357,8 @@ class LibraryIndex:
             current._change(replaced, new_slides, say)
             self._commit(self.path, meta, current.engine, current._table.rows)
         self._reload()
-        again = {s["slide_fingerprint"] for s in replaced}
-        return {"added": [s["slide_path"] for s in new_slides
-                          if s["slide_fingerprint"] not in again],
+        return {"added": [src.slide_record()["slide_path"] for src in sources
+                          if not any(_same_slide(s, src) for s in replaced)],
                 "replaced": [s["slide_path"] for s in replaced]}
 
     def remove(self, slides: Sequence[str | os.PathLike],
@@ -425,14 +426,20 @@ class LibraryIndex:
         self.__dict__.update(fresh.__dict__)
 
     # ================================================================== checking
-    def slide_status(self) -> list[dict[str, Any]]:
+    def slide_status(self, content: bool = False) -> list[dict[str, Any]]:
         """Each slide's state: ``ok``, ``slide missing``, ``store changed (...)`` or
-        ``store missing`` (harmless: the library keeps its own vectors)."""
+        ``store missing`` (harmless: the library keeps its own vectors). ``content`` also
+        fingerprints every slide file (reads 2 MiB of each, so not before every search):
+        ``slide changed`` when the file now holds another image than the one embedded."""
+        from napari_gpfm.slides.slide import file_fingerprint
+
         out = []
         for s in self._meta["slides"]:
             state = "ok"
             if not s.get("slide_path") or not Path(s["slide_path"]).exists():
                 state = "slide missing"
+            elif content and file_fingerprint(Path(s["slide_path"])) != s["slide_fingerprint"]:
+                state = "slide changed"
             store = Path(s.get("store_path", ""))
             if not store.exists():
                 state = "store missing" if state == "ok" else state
@@ -670,7 +677,8 @@ class LibraryIndex:
         files = [self.path / meta["files"][k]["path"] for k in ("index", "rows")]
         files += [self.path / s["files"][k]["path"] for s in meta["slides"]
                   for k in ("coords", "vectors")]
-        status = {e["fingerprint"]: e["status"] for e in self.slide_status()} if check else {}
+        status = ({e["fingerprint"]: e["status"] for e in self.slide_status(content=True)}
+                  if check else {})
         requested = meta.get("requested_kind", config.kind)
         suggested = choose_kind(len(self), config.dim) if requested == "auto" else config.kind
         return {
@@ -705,6 +713,14 @@ class LibraryIndex:
 
 
 # ---------------------------------------------------------------------- helpers
+def _same_slide(entry: dict[str, Any], source: StoreSource) -> bool:
+    """Whether ``source`` replaces the library's slide ``entry`` when added."""
+    record = source.slide_record()
+    return (entry["slide_fingerprint"] == source.fingerprint
+            or entry.get("store_path") == record["store_path"]
+            or bool(record["slide_path"]) and entry.get("slide_path") == record["slide_path"])
+
+
 def _add_slide(engine: VectorEngine, table: RowTable, record: dict[str, Any]) -> None:
     first = int(record["first_row"])
     vectors = table.vectors(int(record["id"]))
