@@ -210,13 +210,13 @@ def test_image_query_with_other_weights_is_refused(capsys, embedded):
     assert len(err.strip().splitlines()) == 1
 
 
-def _synthetic_store(slide_path, store_path, seed, gen, overwrite=False):
+def _synthetic_store(slide_path, store_path, seed, gen, overwrite=False, pooling="cls"):
     meta = {"encoder_id": "timm:x@ababababab", "encoder_name": "timm:x",
             "weights_sha256": "ab" * 32, "embed_dim": D}
     write_synthetic_slide(slide_path, 256, 256, mpp=0.5, seed=seed)
     with open_slide(slide_path) as slide:
         store = EmbeddingStore.create(store_path, slide=slide, grid=make_grid(slide, SPEC),
-                                      encoder_meta=meta, overwrite=overwrite)
+                                      encoder_meta=meta, overwrite=overwrite, pooling=pooling)
         store.write(np.arange(store.n_tiles), gen.chunk(0, store.n_tiles))
         store.finalize()
 
@@ -239,3 +239,30 @@ def test_a_changed_slide_is_reported_and_its_new_store_replaces_it(tmp_path, cap
     code, out, err = gpfm(capsys, "index", "search", lib, "--store", store, "--roi", "64,64")
     assert code == 0 and "rank" in out, err
     assert [s["status"] for s in LibraryIndex.open(lib).info()["slides"]] == ["ok"]
+
+
+def test_a_query_store_of_another_pooling_is_told_the_pooling_to_embed_with(tmp_path, capsys):
+    gen = ClusteredEmbeddings(D, n_clusters=4, seed=0)
+    mean = tmp_path / "mean" / "s" / "x.zarr"
+    _synthetic_store(tmp_path / "s.tif", mean, 0, gen, pooling="mean")
+    cls = tmp_path / "cls" / "s" / "x.zarr"
+    _synthetic_store(tmp_path / "s.tif", cls, 0, gen)
+    lib = tmp_path / "lib"
+    assert gpfm(capsys, "index", "build", mean, "--out", lib, "--quiet")[0] == 0
+    code, _, err = gpfm(capsys, "index", "search", lib, "--store", cls, "--roi", "64,64")
+    assert code == 2 and "--min-tissue 0 --pooling mean`" in err, err
+
+
+def test_ctrl_c_says_what_survives_for_each_command(monkeypatch, capsys):
+    import napari_gpfm.cli.embed as embed_cli
+    import napari_gpfm.cli.index as index_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_cli, "run_add", interrupted)
+    monkeypatch.setattr(embed_cli, "run", interrupted)
+    code, _, err = gpfm(capsys, "index", "add", "lib", "store.zarr")
+    assert code == 130 and "a library changes all at once or not at all" in err
+    code, _, err = gpfm(capsys, "embed", "slide.svs")
+    assert code == 130 and "run the same command again to resume" in err

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return GPFMError.exit_code
     except KeyboardInterrupt:
-        print("interrupted: finished work is saved; run the same command again to resume",
-              file=sys.stderr)
+        # What survives depends on the command (commands that resume set their own line).
+        print(getattr(args, "interrupted", "interrupted"), file=sys.stderr)
         return 130
 
 

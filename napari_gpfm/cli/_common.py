@@ -67,6 +67,11 @@ def slide_thumbnail(store, max_size: int = 1600):
 
 MAP_SUFFIXES = (".png", ".tif", ".tiff")
 
+# What `gpfm` prints on Ctrl-C (set per command as the parser default `interrupted`).
+RESUMES = "interrupted: finished work is saved; run the same command again to resume"
+ALL_OR_NOTHING = ("interrupted: a library changes all at once or not at all; `gpfm index info "
+                  "LIB` shows which, and the same command again finishes it")
+
 
 def _map_suffix(path: str | Path, flag: str) -> str:
     suffix = Path(path).suffix.lower()

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from napari_gpfm.cli._common import slide_pixel_size
+from napari_gpfm.cli._common import RESUMES, slide_pixel_size
 from napari_gpfm.errors import ParameterError
 
 # A box on the epidermis of CMU-1-Small-Region (level-0 px): the dark purple band of
@@ -39,7 +39,7 @@ def register(sub) -> None:
                    help="clusters in the cluster map (at most the number of tiles)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier demo's embeddings made with other weights")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted=RESUMES)
 
 
 def _table(rows: list[dict]) -> str:

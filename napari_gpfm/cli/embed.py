@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from napari_gpfm.cli._common import slide_pixel_size
+from napari_gpfm.cli._common import RESUMES, slide_pixel_size
 from napari_gpfm.errors import GPFMError, ParameterError, SlideError
 
 DEFAULT_OUT = "embeddings"
@@ -72,7 +72,7 @@ def register(sub) -> None:
     p.add_argument("--h5", action="store_true",
                    help="also export each finished store as a TRIDENT/CLAM-style .h5 file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted=RESUMES)
 
 
 # ------------------------------------------------------------------------------ inputs

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from napari_gpfm.cli._common import ALL_OR_NOTHING
 from napari_gpfm.errors import ParameterError
 
 KIND_HELP = """index kinds (figures for 1024-d embeddings on a busy 2-core CPU; see
@@ -54,7 +55,7 @@ def register(sub) -> None:
                    help="index kind (default auto; see below)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing library")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
-    b.set_defaults(func=run_build)
+    b.set_defaults(func=run_build, interrupted=ALL_OR_NOTHING)
 
     a = cmds.add_parser("add", help="add (or refresh) stores in a library",
                         description="Add stores to a library; a slide already in it is "
@@ -62,14 +63,14 @@ def register(sub) -> None:
     a.add_argument("library", metavar="LIB")
     a.add_argument("stores", nargs="+", metavar="STORES", help="stores or folders of stores")
     a.add_argument("--quiet", action="store_true", help="no progress lines")
-    a.set_defaults(func=run_add)
+    a.set_defaults(func=run_add, interrupted=ALL_OR_NOTHING)
 
     r = cmds.add_parser("remove", help="remove slides from a library")
     r.add_argument("library", metavar="LIB")
     r.add_argument("slides", nargs="+", metavar="SLIDE",
                    help="slide path, file name, fingerprint (8+ characters) or store path")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
-    r.set_defaults(func=run_remove)
+    r.set_defaults(func=run_remove, interrupted=ALL_OR_NOTHING)
 
     i = cmds.add_parser("info", help="what a library holds, and whether its slides are current")
     i.add_argument("library", metavar="LIB")

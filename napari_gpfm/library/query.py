@@ -96,11 +96,13 @@ def check_query_store(library: LibraryIndex, store: str | os.PathLike) -> Path:
             # Tiling ids are hashes: say in words what each tiling is.
             diffs.append(f"tiles of {describe_tiling(source.attrs.get('tiling') or {})} "
                          f"instead of {describe_tiling(meta.get('tiling') or {})}")
+        pooling = library.identity.get("pooling")
+        pooling_flag = f" --pooling {pooling}" if pooling and pooling != "cls" else ""
         raise StoreError(
             f"the query store {path} does not fit library {library.path}: {'; '.join(diffs)}. "
             f"Embed this slide with the library's encoder and tiling (`gpfm embed SLIDE "
-            f"--model {encoder} {_tiling_flags(meta.get('tiling') or {})}`, or the same "
-            "choices in the Embed panel) and query with that store"
+            f"--model {encoder} {_tiling_flags(meta.get('tiling') or {})}{pooling_flag}`, or "
+            "the same choices in the Embed panel) and query with that store"
         )
     return source.path
 
