@@ -198,6 +198,16 @@ def test_image_query_finds_its_own_tile(capsys, embedded):
         assert doc["query"]["image"] == str(png.resolve())
 
 
+def test_image_query_reads_a_jpeg_tiff_that_pillow_cannot(capsys, embedded, extra_he_dir):
+    # Pillow's libtiff rejects this OME-TIFF crop ("Improper JPEG sampling factors") and
+    # printed its complaint to stderr before our error; the slide reader's decoder reads it.
+    crop = extra_he_dir / "openslide_os1_crop" / "OS-1-detail.ome.tif"
+    code, out, err = gpfm(capsys, "index", "search", embedded["lib"], "--image", crop,
+                          "--device", "cpu", "--top-k", 1, "--json")
+    assert code == 0 and err == "", err
+    assert len(json.loads(out)["hits"]) == 1
+
+
 def test_image_query_with_other_weights_is_refused(capsys, embedded):
     from PIL import Image
 

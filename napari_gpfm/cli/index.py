@@ -214,11 +214,35 @@ def _read_image(path: str):
     p = Path(path).expanduser()
     if not p.is_file():
         raise ParameterError(f"--image {p}: no such file")
+    if p.suffix.lower() in (".tif", ".tiff"):
+        # tifffile first, the slide reader's own decoder: Pillow's libtiff cannot decode some
+        # JPEG-in-TIFF (e.g. OME-TIFF crops of slides) and prints its complaints to stderr.
+        image = _read_tiff(p)
+        if image is not None:
+            return image
     try:
         with Image.open(p) as img:
             return np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise ParameterError(f"--image {p} is not a readable image ({exc})") from None
+
+
+def _read_tiff(path: Path):
+    """The first image of a TIFF as RGB uint8 (H, W, 3), or None if it is not one."""
+    import numpy as np
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if series.axes not in ("YXS", "YX") or series.dtype != np.uint8:
+                return None
+            arr = series.asarray()
+    except Exception:  # tifffile raises many kinds for files it cannot decode
+        return None
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3]) if arr.shape[2] >= 3 else None
 
 
 COLUMNS = ("rank", "slide_rank", "score", "slide_name", "slide_fingerprint", "tile", "x", "y",
