@@ -41,7 +41,13 @@ def average_exports(sources: Sequence[str | os.PathLike], out: str | os.PathLike
     out = Path(out).expanduser()
     if out.suffix != ".safetensors":
         raise ParameterError(f"--out {out}: the average is written as .safetensors")
-    if out.resolve() in {p.resolve() for p in paths}:
+    seen: set[Path] = set()
+    for path in paths:
+        if path.resolve() in seen:
+            raise ParameterError(f"{path} is given twice: it would weigh double in the mean; "
+                                 "name each teacher once")
+        seen.add(path.resolve())
+    if out.resolve() in seen:
         raise ParameterError(f"--out {out} is one of the inputs; write the average elsewhere")
     descriptions = []
     for path in paths:

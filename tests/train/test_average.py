@@ -83,6 +83,8 @@ def test_other_networks_and_bad_files_are_named(exports, tmp_path):
         average_exports(exports[:1], tmp_path / "x.safetensors")
     with pytest.raises(ParameterError, match="is one of the inputs"):
         average_exports(exports, exports[0])
+    with pytest.raises(ParameterError, match="given twice"):
+        average_exports([exports[0], exports[0]], tmp_path / "x.safetensors")
     with pytest.raises(ParameterError, match="written as .safetensors"):
         average_exports(exports, tmp_path / "x.pth")
     assert not (tmp_path / "x.safetensors").exists()
