@@ -486,6 +486,7 @@ class FitRun:
     trainer: Any
     module: Any
     datamodule: Any
+    start_step: int = 0  # the resumed checkpoint's step
 
 
 def prepare_fit(run: RunConfig, callbacks: Sequence[Any] = ()) -> FitRun:
@@ -548,6 +549,7 @@ def fit(run: RunConfig, ckpt_path: str | None = None, callbacks: Sequence[Any] =
     if ckpt is not None:
         for warning in check_resumable(ckpt, path, prepared.module):
             _say(f"warning: {warning}")
+        prepared.start_step = int(ckpt.get("global_step") or 0)
         del ckpt  # memory-mapped; Lightning reads the file again itself
     with warnings.catch_warnings():
         for message in _EXPECTED_LIGHTNING_WARNINGS:
@@ -583,7 +585,11 @@ def run_fit(args: argparse.Namespace) -> int:
         _say(f"interrupted: stopped after step {interrupt.stopped_at}, saved as {last}; resume "
              "with the same command and --ckpt-path last")
         return 130
-    _say(f"trained to step {done.trainer.global_step}; checkpoints in {ckpt_dir}")
+    if done.trainer.global_step == done.start_step > 0:
+        _say(f"the run had already reached step {done.start_step} (trainer.max_steps "
+             f"{run.max_steps}); nothing to train. Checkpoints in {ckpt_dir}")
+    else:
+        _say(f"trained to step {done.trainer.global_step}; checkpoints in {ckpt_dir}")
     _say(f"export the teacher: gpfm-train export {last} --out model.safetensors")
     return 0
 

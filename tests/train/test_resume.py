@@ -187,6 +187,9 @@ def test_resume_refuses_another_network_or_run_and_names_changed_schedules(runs,
     assert f"resuming from gpfm-step={STEPS:08d}.ckpt" in out
     assert f"warning: resuming at step {STEPS} with changed options: model.schedule.epochs " \
            "(4 -> 5)" in out and "trained to step 7" in out
+    assert main(longer + ["--ckpt-path", "last"]) == 0
+    assert "the run had already reached step 7 (trainer.max_steps 7); nothing to train" in \
+        capsys.readouterr().out
 
 
 def test_a_moved_run_folder_resumes_twice_into_its_own_last_ckpt(runs, capsys):
