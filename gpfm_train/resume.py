@@ -105,11 +105,12 @@ def check_resumable(ckpt: Mapping[str, Any], path: Path, module: Any) -> list[st
     now = dict(module.hparams)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     stored = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
-    if expected and expected != stored:
-        changed = [d for d in _differences(saved, now, NETWORK_SECTIONS)
-                   if ".init_weights " not in d]
-        first = next((k for k in sorted(expected.keys() | stored.keys())
-                      if expected.get(k) != stored.get(k)), "")
+    changed = [d for d in _differences(saved, now, NETWORK_SECTIONS) if ".init_weights " not in d]
+    reshaped = [k for k in sorted(expected.keys() & stored.keys()) if expected[k] != stored[k]]
+    # Other key names alone may be a strategy's way of saving (left to Lightning); with
+    # changed network options they are another network.
+    if reshaped or (expected.keys() != stored.keys() and changed):
+        first = (reshaped or sorted(expected.keys() ^ stored.keys()))[0]
         what = ("; options that differ: " + ", ".join(changed) if changed else
                 f" (first difference: {first} {stored.get(first)} in the checkpoint, "
                 f"{expected.get(first)} here)")
