@@ -276,3 +276,24 @@ def test_ctrl_c_says_what_survives_for_each_command(monkeypatch, capsys):
     assert code == 130 and "a library changes all at once or not at all" in err
     code, _, err = gpfm(capsys, "embed", "slide.svs")
     assert code == 130 and "run the same command again to resume" in err
+
+
+def test_tied_hits_are_ordered_the_same_for_every_top_k(tmp_path, capsys):
+    # Two slides with identical vectors tie tile for tile; the best 2 used to differ from the
+    # first 2 of the best 3.
+    gen = ClusteredEmbeddings(D, n_clusters=4, seed=0)
+    stores = []
+    for seed in (0, 1):
+        stores.append(tmp_path / "emb" / f"s{seed}" / "x.zarr")
+        _synthetic_store(tmp_path / f"s{seed}.tif", stores[-1], seed, gen)
+    lib = tmp_path / "lib"
+    assert gpfm(capsys, "index", "build", *stores, "--out", lib, "--quiet")[0] == 0
+    runs = []
+    for k in (1, 2, 3, 4, 7):
+        code, out, err = gpfm(capsys, "index", "search", lib, "--store", stores[0], "--roi",
+                              "100,100", "--top-k", k, "--json")
+        assert code == 0, err
+        runs.append([(h["slide_name"], h["tile"]) for h in json.loads(out)["hits"]])
+        assert all(h["score"] <= 1.0 for h in json.loads(out)["hits"])
+    for shorter, longer in zip(runs, runs[1:], strict=False):
+        assert longer[:len(shorter)] == shorter

@@ -55,6 +55,9 @@ from napari_gpfm.library.sources import (
 Progress = Callable[[str], None]
 # Store rows read (and normalised) at a time while copying a store into the library.
 _INGEST_ROWS = 1 << 16
+# Extra candidates fetched so that tiles tying at the top_k-th score are ordered by row id
+# (the same slide copied twice ties exactly): the best k are then a prefix of the best k + 1.
+_TIE_MARGIN = 16
 # Rows handed to faiss at a time when filling an index.
 _ADD_ROWS = 1 << 17
 # Queries drawn from the library itself to tune ivfpq / hnsw search settings.
@@ -536,12 +539,14 @@ class LibraryIndex:
         if group_by_slide:
             results = self._search_grouped(q, int(top_k), int(per_slide), excluded, n)
         else:
-            k = min(n, int(top_k) + len(excluded))
+            k = min(n, int(top_k) + len(excluded) + _TIE_MARGIN)
             scores, ids = self.engine.search(q, max(k, 1), self._table.fetch)
             results = []
             for qi in range(len(q)):
                 keep = (ids[qi] >= 0) & ~np.isin(ids[qi], excluded)
-                results.append(self._hits(qi, scores[qi][keep][:top_k], ids[qi][keep][:top_k]))
+                s, i = scores[qi][keep], ids[qi][keep]
+                order = np.lexsort((i, -s))[:top_k]
+                results.append(self._hits(qi, s[order], i[order]))
         return results[0] if single else results
 
     def _search_grouped(self, q: np.ndarray, top_k: int, per_slide: int,
@@ -593,7 +598,8 @@ class LibraryIndex:
             x, y = self._table.coords(sid)[tile].tolist()
             size = float(record["tile_size_l0"])
             hits.append(LibraryHit(
-                query=qi, rank=j + 1, score=float(score),
+                # float16 copies and float32 sums can put a cosine a hair above 1
+                query=qi, rank=j + 1, score=min(1.0, max(-1.0, float(score))),
                 slide_path=record["slide_path"], slide_name=record["slide_name"],
                 slide_fingerprint=record["slide_fingerprint"], tile=tile,
                 x=float(x), y=float(y), w=size, h=size, store_path=record["store_path"],
