@@ -55,3 +55,12 @@ def test_a_store_of_a_slide_without_tissue_says_so(tmp_path, capsys):
     # Not "run gpfm embed first": it was run, and found nothing to embed.
     assert "holds no tiles: its slide had no tissue tile" in err and "run `gpfm embed`" not in err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_a_similarity_roi_outside_the_slide_is_named(sample_store, tmp_path, capsys):
+    # It used to read "the ROI contains no embedded tile; draw it over tissue".
+    out = tmp_path / "s.png"
+    assert main(["heatmap", str(sample_store), "--kind", "similarity", "--roi", "5000,10,50,50",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--roi 5000,10,50,50 lies outside the 2220 x 2967 px slide" in err and not out.exists()

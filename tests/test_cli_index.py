@@ -120,6 +120,8 @@ def test_errors_are_one_line(tmp_path, capsys, stores_dir):
     fails("index", "search", lib, "--store", stores_dir / "slide0" / "x.zarr", "--roi",
           "1,2,3", match="--roi")
     fails("index", "search", lib, "--image", tmp_path / "none.png", match="no such file")
+    fails("index", "search", lib, "--store", stores_dir / "slide0" / "x.zarr", "--roi",
+          "9000,10", match="--roi 9000,10 lies outside the 512 x 512 px slide")
     fails("index", "build", stores_dir, "--out", lib, match="already holds a library")
     fails("index", "build", tmp_path / "nothing", "--out", tmp_path / "l2", match="does not exist")
     fails("index", "build", stores_dir, "--out", tmp_path / "l3", "--kind", "ivfpq",

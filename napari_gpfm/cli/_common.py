@@ -42,6 +42,22 @@ def parse_roi(text: str):
     )
 
 
+def roi_on_slide(roi, store):
+    """``roi``, refused in words when it lies wholly outside the slide of ``store`` (a typo in
+    a coordinate would otherwise read as "no tissue there")."""
+    dims = store.attrs.get("slide_dimensions") or []
+    if len(dims) == 2:
+        x, y, w, h = roi.bounds
+        width, height = int(dims[0]), int(dims[1])
+        if x > width or y > height or x + w < 0 or y + h < 0:
+            given = f"{x:g},{y:g}" if w == h == 0 else f"{x:g},{y:g},{w:g},{h:g}"
+            raise ParameterError(
+                f"--roi {given} lies outside the {width} x {height} px slide "
+                f"of {store.path}; give level-0 pixels inside it"
+            )
+    return roi
+
+
 def open_store(path: str | Path):
     from napari_gpfm.embedding.store import EmbeddingStore
     from napari_gpfm.errors import StoreError

@@ -29,6 +29,7 @@ def run(args) -> int:
         check_map_path,
         open_store,
         parse_roi,
+        roi_on_slide,
         slide_thumbnail,
         write_view,
     )
@@ -45,7 +46,8 @@ def run(args) -> int:
     else:
         if not args.roi:
             raise ParameterError("--kind similarity needs --roi x,y,w,h (or x,y) in level-0 pixels")
-        view = views.similarity_view(store, parse_roi(args.roi), k=args.top_k,
+        view = views.similarity_view(store, roi_on_slide(parse_roi(args.roi), store),
+                                     k=args.top_k,
                                      exclude_query=not args.include_query)
     thumb = slide_thumbnail(store) if args.out.lower().endswith(".png") else None
     out = write_view(view, args.out, thumbnail=thumb)
