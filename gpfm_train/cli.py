@@ -559,6 +559,16 @@ def fit(run: RunConfig, ckpt_path: str | None = None, callbacks: Sequence[Any] =
     return prepared
 
 
+def _newest_checkpoint(ckpt_dir: Path) -> str:
+    from gpfm_train.resume import resolve_checkpoint
+
+    try:
+        newest = resolve_checkpoint("last", ckpt_dir)
+    except ConfigError:
+        return f"no checkpoint was saved in {ckpt_dir}"
+    return f"resume from {newest} with the same command and --ckpt-path last"
+
+
 def run_fit(args: argparse.Namespace) -> int:
     import yaml
 
@@ -578,7 +588,18 @@ def run_fit(args: argparse.Namespace) -> int:
             f"{ckpt_dir} holds the checkpoints of an earlier run: resume it with --ckpt-path "
             "last, or start afresh in another trainer.default_root_dir"
         )
-    done = fit(run, ckpt)
+    try:
+        done = fit(run, ckpt)
+    except SystemExit:
+        from gpfm_train.interrupt import aborted_by_user
+
+        if not aborted_by_user():
+            raise
+        import signal
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left it ignored
+        _say(f"aborted by a second Ctrl-C: the step in flight is lost; {_newest_checkpoint(ckpt_dir)}")
+        return 130
     last = done.trainer.checkpoint_callback.last_model_path or ckpt_dir / "last.ckpt"
     interrupt = next(c for c in done.trainer.callbacks if isinstance(c, StopOnInterrupt))
     if interrupt.stopped_at is not None:

@@ -5,7 +5,9 @@ periodic checkpoint (up to ``checkpoint_every_n_steps`` steps) is lost. Here the
 only asks to stop: the step in flight completes, every rank agrees to stop after it, and the
 final-step checkpoint (``cli._checkpoint_callback``) saves that step as ``last.ckpt``, from which
 ``--ckpt-path last`` resumes exactly. A second SIGINT gets the previous handler back and aborts
-at once, for a run stuck in a step.
+at once, for a run stuck in a step: Lightning then exits with status 1 (and leaves SIGINT
+ignored), which ``gpfm-train fit`` turns into a line naming the newest checkpoint
+(:func:`aborted_by_user`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,20 @@ class StopOnInterrupt(Callback):
         self._restore()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        global _aborted
         self._restore()
+        if isinstance(exception, KeyboardInterrupt):
+            _aborted = True
+
+
+_aborted = False
+
+
+def aborted_by_user() -> bool:
+    """Whether the last fit ended on a second Ctrl-C (read once: the flag is cleared)."""
+    global _aborted
+    was, _aborted = _aborted, False
+    return was
 
 
 def ignore_interrupts_in_workers(worker_id: int) -> None:

@@ -261,3 +261,32 @@ def test_ctrl_c_saves_the_current_step_and_resumes_exactly(runs, capsys, monkeyp
     full, again = _state(runs["full"]), _state(resumed)
     for key in full:
         torch.testing.assert_close(again[key], full[key], atol=1e-6, rtol=0, msg=key)
+
+
+class CtrlCTwice(Callback):
+    """Press Ctrl-C twice at the end of step ``step`` (the second one aborts at once)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_second_ctrl_c_aborts_and_names_the_checkpoint_to_resume_from(runs, capsys,
+                                                                         monkeypatch):
+    # Lightning ended with "Detected KeyboardInterrupt ..." and status 1, SIGINT left ignored.
+    import gpfm_train.cli as cli
+
+    root = runs["root"] / "ctrl-c-twice"
+    args = ["fit", "--config", "tiny_cpu.yaml", *set_args(_overrides(root))]
+    uninterrupted = cli.fit
+    monkeypatch.setattr(cli, "fit", lambda run, ckpt: uninterrupted(run, ckpt, [CtrlCTwice(4)]))
+    assert main(args) == 130
+    out = capsys.readouterr().out
+    last = root / "checkpoints" / "last.ckpt"
+    assert f"aborted by a second Ctrl-C: the step in flight is lost; resume from {last}" in out
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == CUT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
