@@ -228,14 +228,15 @@ def test_the_progress_bar_counts_the_run_s_steps_from_where_it_resumes(runs, cap
 
 
 class CtrlC(Callback):
-    """Press Ctrl-C (SIGINT to this process) once, at the end of step ``step``."""
+    """Press Ctrl-C (SIGINT to this process) ``presses`` times at the end of step ``step``."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, presses: int = 1):
+        self.step, self.presses = step, presses
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(self.presses):
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_ctrl_c_saves_the_current_step_and_resumes_exactly(runs, capsys, monkeypatch):
@@ -263,18 +264,6 @@ def test_ctrl_c_saves_the_current_step_and_resumes_exactly(runs, capsys, monkeyp
         torch.testing.assert_close(again[key], full[key], atol=1e-6, rtol=0, msg=key)
 
 
-class CtrlCTwice(Callback):
-    """Press Ctrl-C twice at the end of step ``step`` (the second one aborts at once)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def test_a_second_ctrl_c_aborts_and_names_the_checkpoint_to_resume_from(runs, capsys,
                                                                          monkeypatch):
     # Lightning ended with "Detected KeyboardInterrupt ..." and status 1, SIGINT left ignored.
@@ -283,7 +272,7 @@ def test_a_second_ctrl_c_aborts_and_names_the_checkpoint_to_resume_from(runs, ca
     root = runs["root"] / "ctrl-c-twice"
     args = ["fit", "--config", "tiny_cpu.yaml", *set_args(_overrides(root))]
     uninterrupted = cli.fit
-    monkeypatch.setattr(cli, "fit", lambda run, ckpt: uninterrupted(run, ckpt, [CtrlCTwice(4)]))
+    monkeypatch.setattr(cli, "fit", lambda run, ckpt: uninterrupted(run, ckpt, [CtrlC(4, presses=2)]))
     assert main(args) == 130
     out = capsys.readouterr().out
     last = root / "checkpoints" / "last.ckpt"
