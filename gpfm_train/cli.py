@@ -532,19 +532,17 @@ def fit(run: RunConfig, ckpt_path: str | None = None, callbacks: Sequence[Any] =
     """Train ``run`` (resuming from ``ckpt_path``: a ``.ckpt`` or ``"last"``)."""
     from gpfm_train.resume import (
         check_resumable,
+        check_run_folder,
         read_checkpoint,
-        refuse_other_run_folder,
         resolve_checkpoint,
     )
 
     ckpt_dir = Path(run.trainer.default_root_dir).expanduser() / "checkpoints"
     path = resolve_checkpoint(ckpt_path, ckpt_dir)
-    ckpt = None
-    if path is not None:
-        ckpt = read_checkpoint(path)
-        refuse_other_run_folder(path, ckpt_dir)
-        if ckpt_path == "last" and not path.name.startswith("last"):
-            _say(f"no last.ckpt in {ckpt_dir} (the run was killed): resuming from {path.name}")
+    ckpt = None if path is None else read_checkpoint(path)
+    check_run_folder(path, ckpt_dir)
+    if path is not None and ckpt_path == "last" and not path.name.startswith("last"):
+        _say(f"no last.ckpt in {ckpt_dir} (the run was killed): resuming from {path.name}")
     prepared = prepare_fit(run, callbacks)
     if ckpt is not None:
         for warning in check_resumable(ckpt, path, prepared.module):
@@ -581,13 +579,6 @@ def run_fit(args: argparse.Namespace) -> int:
         return 0
     ckpt = args.ckpt_path
     ckpt_dir = Path(run.trainer.default_root_dir).expanduser() / "checkpoints"
-    if ckpt is None and any(ckpt_dir.glob("*.ckpt")):
-        # A fresh run here would write last-v1.ckpt beside the old last.ckpt, and
-        # "--ckpt-path last" would then resume the old run.
-        raise ConfigError(
-            f"{ckpt_dir} holds the checkpoints of an earlier run: resume it with --ckpt-path "
-            "last, or start afresh in another trainer.default_root_dir"
-        )
     try:
         done = fit(run, ckpt)
     except SystemExit:

@@ -62,18 +62,19 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
     from gpfm_train.module import CHECKPOINT_KEY
 
-    refusal = (f"--ckpt-path {path}: not a readable training checkpoint (truncated, or not "
-               "written by gpfm-train fit); pass a .ckpt from the run's checkpoints folder")
+    def refusal(why: str) -> ConfigError:
+        return ConfigError(f"--ckpt-path {path}: not a readable training checkpoint ({why}); "
+                           "pass a .ckpt from the run's checkpoints folder")
+
     if not zipfile.is_zipfile(path):
-        raise ConfigError(refusal)
+        raise refusal("truncated, or not written by gpfm-train fit")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # torch raises many kinds for archives it did not write
-        raise ConfigError(refusal) from None
+        raise refusal("truncated, or not written by gpfm-train fit") from None
     needed = ("pytorch-lightning_version", "state_dict", "hyper_parameters", CHECKPOINT_KEY)
     if not isinstance(ckpt, Mapping) or any(k not in ckpt for k in needed):
-        raise ConfigError(refusal.replace("(truncated, or not written by gpfm-train fit)",
-                                          "(exported weights or another program's file)"))
+        raise refusal("exported weights or another program's file")
     return dict(ckpt)
 
 
@@ -83,8 +84,8 @@ def _flat(value: Any, prefix: str) -> dict[str, Any]:
         for key, item in value.items():
             out.update(_flat(item, f"{prefix}.{key}"))
         return out
-    if isinstance(value, list | tuple):
-        return {prefix: [_flat(v, "") if isinstance(v, Mapping) else v for v in value]}
+    if isinstance(value, tuple):  # a tuple in the module's config is a list once saved
+        value = list(value)
     return {prefix: value}
 
 
@@ -130,12 +131,21 @@ def check_resumable(ckpt: Mapping[str, Any], path: Path, module: Any) -> list[st
     ]
 
 
-def refuse_other_run_folder(path: Path, ckpt_dir: Path) -> None:
-    """A checkpoint of another folder resumed into ``ckpt_dir`` while it holds a run of its own
-    would overwrite that run's last.ckpt and mix the two runs' step checkpoints."""
-    if path.resolve().parent == ckpt_dir.resolve() or not any(ckpt_dir.glob("*.ckpt")):
+def check_run_folder(path: Path | None, ckpt_dir: Path) -> None:
+    """Refuse to mix two runs in ``ckpt_dir``: a fresh run there would write last-v1.ckpt beside
+    the earlier run's last.ckpt (and ``--ckpt-path last`` would then resume the old run); a
+    checkpoint of another folder resumed there would overwrite that run's last.ckpt and mix the
+    two runs' step checkpoints."""
+    if not any(ckpt_dir.glob("*.ckpt")):
         return
-    raise ConfigError(
-        f"{ckpt_dir} holds the checkpoints of another run; to branch from {path}, set "
-        "trainer.default_root_dir to an empty folder (or resume that run with --ckpt-path last)"
-    )
+    if path is None:
+        raise ConfigError(
+            f"{ckpt_dir} holds the checkpoints of an earlier run: resume it with --ckpt-path "
+            "last, or start afresh in another trainer.default_root_dir"
+        )
+    if path.resolve().parent != ckpt_dir.resolve():
+        raise ConfigError(
+            f"{ckpt_dir} holds the checkpoints of another run; to branch from {path}, set "
+            "trainer.default_root_dir to an empty folder (or resume that run with --ckpt-path "
+            "last)"
+        )

@@ -188,13 +188,7 @@ def run_info(args) -> int:
 
 def _search(args, library):
     """The hits and a description of the query (an image, or a store + region)."""
-    from napari_gpfm.embedding.store import EmbeddingStore
-    from napari_gpfm.library.query import (
-        SearchOptions,
-        check_query_store,
-        search_roi,
-        search_vector,
-    )
+    from napari_gpfm.library.query import SearchOptions, search_roi, search_vector
 
     if args.image and (args.store or args.roi):
         raise ParameterError("give either --image, or --store with --roi, not both")
@@ -206,11 +200,9 @@ def _search(args, library):
         return search_vector(library, vector, options), {"image": str(Path(args.image).resolve())}
     if not (args.store and args.roi):
         raise ParameterError("give a query: --store STORE --roi x,y,w,h, or --image FILE")
-    from napari_gpfm.cli._common import parse_roi, roi_on_slide
+    from napari_gpfm.cli._common import open_store, parse_roi, roi_on_slide
 
-    roi = parse_roi(args.roi)
-    check_query_store(library, args.store)  # a missing or unfit store is named first
-    roi_on_slide(roi, EmbeddingStore.open(Path(args.store).expanduser()))
+    roi = roi_on_slide(parse_roi(args.roi), open_store(Path(args.store).expanduser()))
     hits = search_roi(library, args.store, roi, options)
     return hits, {"store": str(Path(args.store).resolve()), "roi": list(roi.bounds)}
 

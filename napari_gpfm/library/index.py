@@ -349,8 +349,8 @@ class LibraryIndex:
             _refuse_duplicates(sources)
             # The same slide: same content, or the same store or slide file re-embedded after
             # the slide changed (its fingerprint then differs from the entry's).
-            replaced = [s for s in meta["slides"]
-                        if any(_same_slide(s, src) for src in sources)]
+            records = [src.slide_record() for src in sources]
+            replaced = [s for s in meta["slides"] if any(_same_slide(s, r) for r in records)]
             new_slides = []
             for i, source in enumerate(sources, 1):
                 say(f"copying {i}/{len(sources)}: {source.path}")
@@ -360,8 +360,8 @@ class LibraryIndex:
             current._change(replaced, new_slides, say)
             self._commit(self.path, meta, current.engine, current._table.rows)
         self._reload()
-        return {"added": [src.slide_record()["slide_path"] for src in sources
-                          if not any(_same_slide(s, src) for s in replaced)],
+        return {"added": [r["slide_path"] for r in records
+                          if not any(_same_slide(s, r) for s in replaced)],
                 "replaced": [s["slide_path"] for s in replaced]}
 
     def remove(self, slides: Sequence[str | os.PathLike],
@@ -719,10 +719,10 @@ class LibraryIndex:
 
 
 # ---------------------------------------------------------------------- helpers
-def _same_slide(entry: dict[str, Any], source: StoreSource) -> bool:
-    """Whether ``source`` replaces the library's slide ``entry`` when added."""
-    record = source.slide_record()
-    return (entry["slide_fingerprint"] == source.fingerprint
+def _same_slide(entry: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether a store's ``record`` (``StoreSource.slide_record``) replaces the library's slide
+    ``entry`` when added."""
+    return (entry["slide_fingerprint"] == record["slide_fingerprint"]
             or entry.get("store_path") == record["store_path"]
             or bool(record["slide_path"]) and entry.get("slide_path") == record["slide_path"])
 
