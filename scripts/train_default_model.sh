@@ -3,7 +3,7 @@
 # Stages 1-2 (their own configs), then default_model_stage3.yaml five times (stages 3-7), each
 # from the previous stage's exported teacher, and their mean; then two stages with the colour
 # expert: stage 8 once, stage 9 under four seeds. The shipped weights are the mean of the four
-# stage-9 teachers (docs/default-model.md). About 5 hours on 2 CPU cores.
+# stage-9 teachers (docs/default-model.md). About 4.5 hours on 2 CPU cores.
 # Run from the repository root with the venv installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
