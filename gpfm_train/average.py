@@ -29,11 +29,15 @@ def average_exports(sources: Sequence[str | os.PathLike], out: str | os.PathLike
     """Write the uniform average of the exported teachers ``sources`` to ``out``
     (``.safetensors``; its ``.json`` description beside it) and return ``out``."""
     import torch
-    from safetensors.torch import save
 
     from napari_gpfm.analysis._io import atomic_output
-    from napari_gpfm.encoders.checkpoints import read_checkpoint
+    from napari_gpfm.encoders.checkpoints import (
+        non_finite_tensors,
+        read_checkpoint,
+        safetensors_bytes,
+    )
     from napari_gpfm.encoders.default_model import DefaultModelConfig
+    from napari_gpfm.encoders.layouts import abridge
 
     paths = [Path(p).expanduser() for p in sources]
     if len(paths) < 2:
@@ -76,6 +80,10 @@ def average_exports(sources: Sequence[str | os.PathLike], out: str | os.PathLike
         if total and (set(state) != set(total) or any(
                 state[k].shape != total[k].shape for k in total)):
             raise WeightsError(f"{path}: its tensors differ from {paths[0]}'s in names or shapes")
+        broken = non_finite_tensors(state)
+        if broken:
+            raise WeightsError(f"{path} holds NaN or infinite values ({abridge(broken)}); it "
+                               "would spoil the mean: leave it out")
         for key, tensor in state.items():
             dtypes.setdefault(key, tensor.dtype)
             total[key] = total.get(key, 0) + tensor.to(torch.float64)
@@ -83,7 +91,7 @@ def average_exports(sources: Sequence[str | os.PathLike], out: str | os.PathLike
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out, "averaged weights") as tmp:
-        tmp.write_bytes(save(mean, metadata={"format": "pt", "layout": "timm"}))
+        tmp.write_bytes(safetensors_bytes(mean, {"format": "pt", "layout": "timm"}))
     names = ", ".join(str(p) for p in paths)
     notes = f"uniform average of {len(paths)} exported teachers ({names})"
     dataclasses.replace(first, notes=notes).write(out.with_suffix(".json"))

@@ -42,6 +42,7 @@ from napari_gpfm.errors import (
     ConfigError,
     GPFMError,
     ParameterError,
+    TrainingError,
     WeightsError,
     describe_os_error,
     first_line,
@@ -557,14 +558,19 @@ def fit(run: RunConfig, ckpt_path: str | None = None, callbacks: Sequence[Any] =
     return prepared
 
 
-def _newest_checkpoint(ckpt_dir: Path) -> str:
+def _resume_from(ckpt_dir: Path) -> str | None:
+    """How to resume from the newest checkpoint in ``ckpt_dir``; None if there is none."""
     from gpfm_train.resume import resolve_checkpoint
 
     try:
         newest = resolve_checkpoint("last", ckpt_dir)
     except ConfigError:
-        return f"no checkpoint was saved in {ckpt_dir}"
+        return None
     return f"resume from {newest} with the same command and --ckpt-path last"
+
+
+def _newest_checkpoint(ckpt_dir: Path) -> str:
+    return _resume_from(ckpt_dir) or f"no checkpoint was saved in {ckpt_dir}"
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -581,6 +587,8 @@ def run_fit(args: argparse.Namespace) -> int:
     ckpt_dir = Path(run.trainer.default_root_dir).expanduser() / "checkpoints"
     try:
         done = fit(run, ckpt)
+    except TrainingError as exc:
+        raise TrainingError(f"{exc}, then {_resume_from(ckpt_dir) or 'train again'}") from None
     except SystemExit:
         from gpfm_train.interrupt import aborted_by_user
 

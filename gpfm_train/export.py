@@ -11,6 +11,9 @@
   ``weights_only=True``), readable by the official loader and napari_gpfm's ``gpfm`` entry.
 * ``card=True`` also writes ``<out>.md``, a short model card.
 
+A teacher holding NaN or infinity (a run that diverged) is refused, whatever the layout; the
+``.safetensors`` export carries the sha256 of its tensor data, which loading verifies.
+
 Checkpoints are read with ``torch.load(weights_only=True)``: nothing in them is unpickled.
 """
 
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from napari_gpfm.analysis._io import atomic_output, atomic_write_text
+from napari_gpfm.encoders.checkpoints import non_finite_tensors
+from napari_gpfm.encoders.layouts import abridge
 from napari_gpfm.errors import ParameterError, WeightsError, first_line
 
 LAYOUTS = ("timm", "gpfm-release")
@@ -85,6 +90,13 @@ def read_training_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
                 backbone[name] = value.contiguous()
         elif local.startswith("dino_head."):
             head[local[len("dino_head."):]] = value.contiguous()
+    broken = non_finite_tensors(backbone)
+    if broken:
+        raise WeightsError(
+            f"the teacher in {path} (step {int(ckpt.get('global_step', 0))}) holds NaN or "
+            f"infinite values in {len(broken)} tensor(s) ({abridge(broken)}): the run diverged "
+            "before this checkpoint; export an earlier one (checkpoints/gpfm-step=*.ckpt)"
+        )
     return TrainingCheckpoint(
         path=path,
         backbone=backbone,
@@ -191,9 +203,9 @@ def export_teacher(
     plain ``blocks.<i>`` keys).
     """
     import torch
-    from safetensors.torch import save
 
     from gpfm_train.export_weights import to_gpfm_release_layout
+    from napari_gpfm.encoders.checkpoints import safetensors_bytes
 
     if layout not in LAYOUTS:
         raise ParameterError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
@@ -208,7 +220,7 @@ def export_teacher(
         # Serialised here and written into a temporary file of our own (unique, with a normal
         # file's permissions: save_file recreates its file 0600), renamed once complete.
         with atomic_output(out, "exported weights") as tmp:
-            tmp.write_bytes(save(ckpt.backbone, metadata={"format": "pt", "layout": "timm"}))
+            tmp.write_bytes(safetensors_bytes(ckpt.backbone, {"format": "pt", "layout": "timm"}))
         json_path = description.write(out.with_suffix(".json"))
     else:
         if out.suffix not in (".pth", ".pt"):

@@ -53,7 +53,7 @@ from gpfm_train.models import DistillConfig, ExpertConfig, GPFMDistiller, build_
 from gpfm_train.models.colour_expert import ColourHistogramExpert
 from gpfm_train.optim import apply_schedules, build_optimizer, build_param_groups
 from gpfm_train.schedules import ScheduleConfig, Schedules, build_schedules
-from napari_gpfm.errors import ConfigError, GPFMError, WeightsError
+from napari_gpfm.errors import ConfigError, GPFMError, TrainingError, WeightsError
 from napari_gpfm.evaluation.features import is_colour_histogram
 
 _log = logging.getLogger(__name__)
@@ -642,6 +642,7 @@ class GPFMPretrainModule(pl.LightningModule):
         apply_schedules(optimizer.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
 
         losses = self(batch, values["teacher_temp"])
+        self._stop_if_diverged(losses)
         self.manual_backward(losses["total"])
         cfg = self.config.schedule
         if self.global_step < cfg.freeze_backbone_epochs * cfg.epoch_length:
@@ -659,6 +660,27 @@ class GPFMPretrainModule(pl.LightningModule):
         self.log("loss", losses["total"].detach().float(), on_step=True, on_epoch=False,
                  prog_bar=True, logger=False, batch_size=per_device)
         return losses["total"].detach()
+
+    def _stop_if_diverged(self, losses: Mapping[str, torch.Tensor]) -> None:
+        """Raise :class:`TrainingError` before a NaN / infinite loss reaches the weights.
+
+        Stepping on would turn the student, then the EMA teacher, into NaN, and every later
+        checkpoint with them. Every rank takes the same decision (one rank's NaN stops all),
+        so none is left waiting in the gradient all-reduce. Nothing of this step is saved.
+        """
+        diverged = not bool(torch.isfinite(losses["total"].detach()))
+        if self._trainer is not None:
+            diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if not diverged:
+            return
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items()
+                          if k != "total")
+        fp16 = self._trainer is not None and self.trainer.precision == "16-mixed"
+        raise TrainingError(
+            f"training diverged at step {self.global_step}: the loss is not finite ({terms}); "
+            f"lower model.schedule.base_lr (now {self.config.schedule.base_lr:g})"
+            + (" or train in bf16-mixed precision" if fp16 else "")
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         max_norm = self.config.optim.clip_grad

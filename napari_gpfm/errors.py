@@ -39,6 +39,10 @@ class ConfigError(GPFMError):
     """A configuration or manifest file is invalid."""
 
 
+class TrainingError(GPFMError):
+    """Training cannot go on (the loss diverged to NaN or infinity)."""
+
+
 class IndexError_(GPFMError):
     """A library index is missing, corrupted or stale (named to avoid shadowing IndexError)."""
 

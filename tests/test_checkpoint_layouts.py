@@ -281,3 +281,48 @@ def test_gpfm_release_and_timm_copy_give_the_same_store_through_the_cli(
     assert np.abs(a.features - b.features).max() < 1e-4
     assert np.abs(a.features[0] - a.features[1]).max() > 1e-3  # two tiles, two answers
     assert a.attrs["weights_sha256"] != b.attrs["weights_sha256"]  # two files, two identities
+
+
+def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path):
+    spec = get_spec(TINY)
+    state = random_state_dict(spec, seed=0)
+    state["blocks.3.attn.qkv.weight"][0, 0] = float("nan")
+    state["norm.bias"][5] = float("inf")
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"diverged.pth holds NaN or infinite values in 2 "
+                                           r"tensor\(s\) \(blocks.3.attn.qkv.weight, norm.bias\)"):
+        load_encoder(TINY, weights=path)
+    state["blocks.3.attn.qkv.weight"][0, 0] = 0.0
+    state["norm.bias"][5] = 0.0
+    torch.save(state, path)
+    assert load_encoder(TINY, weights=path).spec.name == TINY
+
+
+def test_a_flipped_byte_in_signed_tensor_data_is_caught(tmp_path):
+    """safetensors itself parses a file whose tensor bytes changed; the digest that napari-gpfm's
+    writers put in the header does not let it through."""
+    from safetensors.torch import load_file
+
+    from napari_gpfm.encoders.checkpoints import DATA_DIGEST_KEY, safetensors_bytes
+
+    state = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 4)}
+    path = tmp_path / "signed.safetensors"
+    path.write_bytes(safetensors_bytes(state, {"format": "pt"}))
+    read = read_checkpoint(path)
+    assert torch.equal(read["a"], state["a"]) and torch.equal(read["b"], state["b"])
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        assert set(handle.metadata()) == {"format", DATA_DIGEST_KEY}
+
+    data = bytearray(path.read_bytes())
+    data[-1000] ^= 0x40  # inside "a": one float changes, the file still parses
+    path.write_bytes(bytes(data))
+    assert not torch.equal(load_file(str(path))["a"], state["a"])
+    with pytest.raises(WeightsError, match=r"signed.safetensors is damaged: its tensor data"):
+        read_checkpoint(path)
+    # Files from elsewhere carry no digest and load as before.
+    plain = tmp_path / "plain.safetensors"
+    save_file(state, str(plain))
+    assert torch.equal(read_checkpoint(plain)["a"], state["a"])

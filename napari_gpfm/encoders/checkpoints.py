@@ -1,9 +1,16 @@
-"""Reading weights files safely, and fingerprinting them.
+"""Reading weights files safely, checking them, and fingerprinting them.
 
 Pickle-based files go through ``torch.load(weights_only=True)``, whose restricted unpickler
 only rebuilds tensors and plain containers: a file that holds any other Python object is
 refused before that object is constructed, so nothing in it runs. ``.safetensors`` files hold
 no code at all. The format is sniffed from the bytes, not trusted from the suffix.
+
+A file can also be whole in form and wrong in content: bytes flipped on a disk or in a copy
+still parse, and a run that diverged exports NaN weights; both would give features that are
+silently garbage. So the ``.safetensors`` files napari-gpfm writes (:func:`safetensors_bytes`:
+``gpfm-train export`` and ``average``) carry the sha256 of their tensor data in the header's
+metadata, which :func:`read_checkpoint` verifies, and :func:`non_finite_tensors` names the
+tensors holding NaN or infinity, which loading refuses whatever the file's origin.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from napari_gpfm.errors import WeightsError, first_line
 
 _CHUNK = 1 << 20
 _ZIP_MAGIC = b"PK\x03\x04"
+# Header metadata key of the sha256 of a .safetensors file's data section (what follows the
+# header): written by safetensors_bytes, verified by read_checkpoint.
+DATA_DIGEST_KEY = "gpfm.data_sha256"
 
 
 def weights_sha256(path: str | os.PathLike[str]) -> str:
@@ -65,16 +75,69 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as handle:
+            expected = (handle.metadata() or {}).get(DATA_DIGEST_KEY)
+        state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(
             f"weights file {path} is a damaged safetensors file ({first_line(exc, 160)}); "
             "download or export it again"
         ) from None
+    if expected is not None and _data_sha256(path) != expected:
+        raise WeightsError(
+            f"weights file {path} is damaged: its tensor data differ from what was written "
+            f"(the sha256 in its header, {DATA_DIGEST_KEY}, does not match); copy, download or "
+            "export it again"
+        )
+    return state
+
+
+def _data_offset(header_len_field: bytes) -> int:
+    (header_len,) = struct.unpack("<Q", header_len_field)
+    return 8 + header_len
+
+
+def _data_sha256(path: Path) -> str:
+    """sha256 of the data section of the .safetensors file ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(_data_offset(handle.read(8)))
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
+    """``tensors`` serialised as .safetensors with ``metadata`` and the sha256 of the data
+    section (:data:`DATA_DIGEST_KEY`) in the header, for :func:`read_checkpoint` to verify.
+
+    The data section does not depend on the metadata (tensors are laid out by dtype and name),
+    so it is serialised once to be hashed and once more with the digest in its header.
+    """
+    from safetensors.torch import save
+
+    plain = save(tensors, metadata=metadata)
+    digest = hashlib.sha256(memoryview(plain)[_data_offset(plain[:8]):]).hexdigest()
+    del plain  # a ViT-L is 1.2 GB: one copy at a time
+    signed = save(tensors, metadata={**metadata, DATA_DIGEST_KEY: digest})
+    if hashlib.sha256(memoryview(signed)[_data_offset(signed[:8]):]).hexdigest() != digest:
+        raise RuntimeError("safetensors laid the same tensors out twice differently")
+    return signed
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold NaN or infinity."""
+    import torch
+
+    return [
+        name for name, value in state.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
 
 
 def _read_torch(path: Path) -> Any:

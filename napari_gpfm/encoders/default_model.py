@@ -207,14 +207,16 @@ def write_random_twin(
 
     import timm
     import torch
-    from safetensors.torch import save_file
+
+    from napari_gpfm.encoders.checkpoints import safetensors_bytes
 
     weights = Path(weights)
     config = DefaultModelConfig.read(weights.with_suffix(".json"))
     torch.manual_seed(seed)
     model = timm.create_model(config.architecture, **config.model_kwargs, num_classes=0)
     out = Path(folder) / "default-random.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    out.write_bytes(safetensors_bytes(state, {"format": "pt", "layout": "timm"}))
     dataclasses.replace(config, notes=f"random weights (seed {seed}) of {weights.name}'s "
                         "network").write(out.with_suffix(".json"))
     return out

@@ -11,8 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_gpfm.encoders.builders import instantiate_on_meta
-from napari_gpfm.encoders.checkpoints import read_checkpoint, weights_sha256
-from napari_gpfm.encoders.layouts import LAYOUTS, check_fit, convert, detect_layout, unwrap
+from napari_gpfm.encoders.checkpoints import non_finite_tensors, read_checkpoint, weights_sha256
+from napari_gpfm.encoders.layouts import (
+    LAYOUTS,
+    abridge,
+    check_fit,
+    convert,
+    detect_layout,
+    unwrap,
+)
 from napari_gpfm.encoders.registry import (
     DEFAULT_NAME,
     MODELS_DIR_ENV,
@@ -193,6 +200,13 @@ def load_encoder(
         )
     tensors = convert(state, layout, weights_path)
     del raw, state
+    broken = non_finite_tensors(tensors)
+    if broken:
+        raise WeightsError(
+            f"weights file {weights_path} holds NaN or infinite values in {len(broken)} "
+            f"tensor(s) ({abridge(broken)}): the training run that wrote it diverged, or the "
+            "file is damaged; use an earlier checkpoint or get the file again"
+        )
     backbone = _build_with_weights(spec, tensors, weights_path, layout)
     encoder = Encoder(
         spec,

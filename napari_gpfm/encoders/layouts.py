@@ -220,11 +220,11 @@ def check_fit(
         return
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys ({_abridge(missing)})")
+        problems.append(f"{len(missing)} missing keys ({abridge(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_abridge(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({abridge(unexpected)})")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches ({_abridge(mismatched)})")
+        problems.append(f"{len(mismatched)} shape mismatches ({abridge(mismatched)})")
     raise WeightsError(
         f"weights file {path} (read as layout '{layout}': {LAYOUTS.get(layout, layout)}) does "
         f"not fit encoder '{encoder}': {'; '.join(problems)}; pass the checkpoint made for "
@@ -232,6 +232,7 @@ def check_fit(
     )
 
 
-def _abridge(items: list[str], head: int = 5) -> str:
+def abridge(items: list[str], head: int = 5) -> str:
+    """``a, b, ... 3 more``: a one-line list of names (the first ``head``)."""
     shown = ", ".join(items[:head])
     return shown + (f", ... {len(items) - head} more" if len(items) > head else "")

@@ -79,6 +79,14 @@ def test_other_networks_and_bad_files_are_named(exports, tmp_path):
         with pytest.raises(WeightsError, match=name):
             average_exports([exports[0], bad], tmp_path / "x.safetensors")
 
+    diverged = other / "diverged.safetensors"
+    state = load_file(str(exports[1]))
+    state["cls_token"][0, 0, 0] = float("nan")
+    save_file(state, str(diverged))
+    diverged.with_suffix(".json").write_text(exports[1].with_suffix(".json").read_text())
+    with pytest.raises(WeightsError, match=r"diverged.safetensors holds NaN.*\(cls_token\)"):
+        average_exports([exports[0], diverged], tmp_path / "x.safetensors")
+
     with pytest.raises(ParameterError, match="at least two"):
         average_exports(exports[:1], tmp_path / "x.safetensors")
     with pytest.raises(ParameterError, match="is one of the inputs"):

@@ -137,3 +137,37 @@ def test_export_errors_are_one_line(trained, tmp_path, capsys):
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, other)
     assert main(["export", str(other), "--out", str(tmp_path / "b.safetensors")]) == 2
     assert "holds no GPFM teacher" in capsys.readouterr().err
+
+
+def test_the_export_signs_its_tensor_data(trained, tmp_path):
+    from safetensors import safe_open
+
+    from napari_gpfm.encoders.checkpoints import DATA_DIGEST_KEY
+    from napari_gpfm.errors import WeightsError
+
+    ckpt, _ = trained
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(ckpt), "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as handle:
+        assert handle.metadata()["layout"] == "timm" and DATA_DIGEST_KEY in handle.metadata()
+    data = bytearray(out.read_bytes())
+    data[-7] ^= 0x01  # a bit flipped in the last tensor, as a bad disk or copy would
+    out.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="model.safetensors is damaged"):
+        load_encoder("default", weights=out)
+
+
+def test_a_diverged_teacher_is_not_exported(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    key = next(k for k in state["state_dict"] if k.endswith("teacher.backbone.blocks.1.mlp.fc1.weight"))
+    state["state_dict"][key][0, 0] = float("nan")
+    diverged = tmp_path / "diverged.ckpt"
+    torch.save(state, diverged)
+    for layout, out in (("timm", "m.safetensors"), ("gpfm-release", "m.pth")):
+        assert main(["export", str(diverged), "--layout", layout,
+                     "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "diverged.ckpt (step 3) holds NaN or infinite values in 1 " \
+            "tensor(s) (blocks.1.mlp.fc1.weight)" in err[0], err
+        assert not (tmp_path / out).exists()

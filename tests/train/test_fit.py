@@ -238,3 +238,26 @@ def test_a_slide_failing_mid_run_stops_the_run_with_on_error_raise(tmp_path):
     with pytest.raises(SlideError, match="copy.svs"):
         for _ in range(8):
             next(batches)
+
+
+def test_a_diverging_run_stops_before_the_nan_reaches_a_checkpoint(tmp_path, capsys):
+    import torch
+
+    args = ["fit", "--config", "tiny_cpu.yaml", *set_args(tiny_overrides(tmp_path, **{
+        "trainer.max_steps": 6, "trainer.checkpoint_every_n_steps": 1,
+        "model.schedule.epoch_length": 2, "model.schedule.warmup_epochs": 0,
+        "model.schedule.base_lr": 1.0e30}))]  # one AdamW step of ~1e30 per weight: NaN next
+    assert main(args) == 2
+    err = capsys.readouterr().err  # Lightning's INFO lines come first
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    line = errors[0]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert "training diverged at step 1: the loss is not finite (dino_local=nan" in line, line
+    assert "lower model.schedule.base_lr (now 1e+30)" in line
+    assert f"then resume from {last} with the same command and --ckpt-path last" in line
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 1  # the diverged step was not taken
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values()
+               if v.is_floating_point())
