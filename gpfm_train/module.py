@@ -13,6 +13,11 @@ not "loss, backward, step": every step
    clipped, as in the recipe);
 4. updates the EMA teacher with the scheduled momentum.
 
+A run that diverges stops before NaN reaches the weights: a non-finite loss (checked after 2,
+all ranks deciding together) or, without fp16's GradScaler, which skips such steps itself,
+non-finite gradient norms (checked in 3) raise a one-line :class:`TrainingError` naming the
+step, the loss terms and the lr; the checkpoints saved so far stay clean to resume from.
+
 Every loss term (``loss/<term>``), ``lr``, ``wd``, ``last_layer_lr``, ``momentum`` and
 ``teacher_temp`` are logged at every step, and ``grad_norm/<group>`` before clipping.
 
@@ -675,16 +680,30 @@ class GPFMPretrainModule(pl.LightningModule):
             return
         terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items()
                           if k != "total")
-        fp16 = self._trainer is not None and self.trainer.precision == "16-mixed"
-        raise TrainingError(
-            f"training diverged at step {self.global_step}: the loss is not finite ({terms}); "
-            f"lower model.schedule.base_lr (now {self.config.schedule.base_lr:g})"
-            + (" or train in bf16-mixed precision" if fp16 else "")
+        raise self._diverged(f"the loss is not finite ({terms})")
+
+    def _scales_fp16_gradients(self) -> bool:
+        """Whether a GradScaler runs, which skips steps whose gradients overflowed by itself."""
+        return self._trainer is not None and self.trainer.precision == "16-mixed"
+
+    def _diverged(self, what: str) -> TrainingError:
+        return TrainingError(
+            f"training diverged at step {self.global_step}: {what}; lower "
+            f"model.schedule.base_lr (now {self.config.schedule.base_lr:g})"
+            + (" or train in bf16-mixed precision" if self._scales_fp16_gradients() else "")
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         max_norm = self.config.optim.clip_grad
         norms = self.clip_student_gradients(max_norm)
+        # A finite loss can still back-propagate to NaN / inf (an overflow in backward). Under
+        # fp16 the scaler then skips the step and lowers its scale; otherwise the step would
+        # write NaN into the weights, so stop here. The gradients are already reduced over
+        # ranks, so every rank sees the same norms and stops at the same step.
+        if not self._scales_fp16_gradients():
+            broken = [name for name, norm in norms.items() if not bool(torch.isfinite(norm))]
+            if broken:
+                raise self._diverged(f"the gradients of {' and '.join(broken)} are not finite")
         self.log_dict({f"grad_norm/{k}": v for k, v in norms.items()}, on_step=True,
                       on_epoch=False, batch_size=1)
 

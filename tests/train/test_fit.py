@@ -261,3 +261,31 @@ def test_a_diverging_run_stops_before_the_nan_reaches_a_checkpoint(tmp_path, cap
     assert saved["global_step"] == 1  # the diverged step was not taken
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values()
                if v.is_floating_point())
+
+
+def test_nan_gradients_under_a_finite_loss_stop_the_run_before_the_step(tmp_path):
+    """An overflow in backward (here: one weight's gradient turned NaN from step 2 on, while
+    the loss stays finite) must not reach the weights: without a GradScaler to skip the step,
+    the run stops with the step's weights untouched."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from gpfm_train.cli import fit
+    from napari_gpfm.errors import TrainingError
+
+    class NaNGradientFromStep2(Callback):
+        def on_train_start(self, trainer, pl_module):
+            weight = pl_module.distiller.student["backbone"].cls_token
+            weight.register_hook(lambda g: g * float("nan") if trainer.global_step >= 2 else g)
+
+    run = load_run_config("tiny_cpu.yaml", tiny_overrides(tmp_path, **{
+        "trainer.max_steps": 5, "trainer.checkpoint_every_n_steps": 1,
+        "model.schedule.warmup_epochs": 0}))
+    with pytest.raises(TrainingError, match=r"training diverged at step 2: the gradients of "
+                                            r"backbone are not finite; lower model.schedule"):
+        fit(run, callbacks=[NaNGradientFromStep2()])
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=True)
+    assert saved["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values()
+               if v.is_floating_point())
