@@ -26,15 +26,15 @@ ARCH = "test_vit"  # a real timm ViT (patch 16, 160 px, 64-d), small enough for 
 TOL = {"atol": 2e-3, "rtol": 2e-3}  # float16 storage, batch-composition rounding
 
 
-def _save_random_weights(path, seed=0, poison=False):
+def _save_random_weights(path, seed=0, final_norm_scale=None):
     import timm
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     model = timm.create_model(ARCH, num_classes=0)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if poison:
-        state["norm.weight"] = torch.full_like(state["norm.weight"], float("nan"))
+    if final_norm_scale is not None:
+        state["norm.weight"] = torch.full_like(state["norm.weight"], final_norm_scale)
     save_file(state, str(path))
     return path
 
@@ -237,12 +237,17 @@ def test_store_of_another_encoder_is_refused(tmp_path, slide, grid, encoder, ref
         prepare_store(reference[0].path, slide=slide, grid=coarse, encoder=encoder)
 
 
-def test_nan_features_are_reported_as_bad_weights(tmp_path, slide, grid):
-    poisoned = load_encoder(f"timm:{ARCH}", weights=_save_random_weights(
-        tmp_path / "nan.safetensors", poison=True))
-    store = prepare_store(tmp_path / "s.zarr", slide=slide, grid=grid, encoder=poisoned)
-    with pytest.raises(WeightsError, match="NaN"):
-        embed_slide(slide, grid, poisoned, store, device="cpu", batch_size=4)
+def test_non_finite_weights_and_features_are_reported_as_bad_weights(tmp_path, slide, grid):
+    with pytest.raises(WeightsError, match=r"nan.safetensors holds NaN or infinite values in 1 "
+                                           r"tensor\(s\) \(norm.weight\)"):
+        load_encoder(f"timm:{ARCH}", weights=_save_random_weights(
+            tmp_path / "nan.safetensors", final_norm_scale=float("nan")))
+    # Finite weights can still overflow float32 (the normalised features times 3e38).
+    overflowing = load_encoder(f"timm:{ARCH}", weights=_save_random_weights(
+        tmp_path / "huge.safetensors", final_norm_scale=3e38))
+    store = prepare_store(tmp_path / "s.zarr", slide=slide, grid=grid, encoder=overflowing)
+    with pytest.raises(WeightsError, match="NaN/inf features"):
+        embed_slide(slide, grid, overflowing, store, device="cpu", batch_size=4)
     assert EmbeddingStore.open(tmp_path / "s.zarr").n_done == 0
 
 
