@@ -293,6 +293,11 @@ def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path):
     with pytest.raises(WeightsError, match=r"diverged.pth holds NaN or infinite values in 2 "
                                            r"tensor\(s\) \(blocks.3.attn.qkv.weight, norm.bias\)"):
         load_encoder(TINY, weights=path)
+    # Finite values whose sum overflows are not mistaken for infinity (the scan's fast path).
+    from napari_gpfm.encoders.checkpoints import non_finite_tensors
+
+    assert non_finite_tensors({"huge": torch.tensor([3e38, 3e38]), "steps": torch.tensor([7]),
+                               "norm.bias": state["norm.bias"]}) == ["norm.bias"]
     state["blocks.3.attn.qkv.weight"][0, 0] = 0.0
     state["norm.bias"][5] = 0.0
     torch.save(state, path)
