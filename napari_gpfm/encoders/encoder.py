@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,12 @@ def load_encoder(
     if weights_path is None:
         weights_path = _find_or_explain(spec, models_dir)
 
+    # The identity hash reads the whole file (1.2 GB for a ViT-L): hashlib releases the GIL,
+    # so it runs beside the reading, the checks and the build (bench/bench_weights_checks.py).
+    # Nothing waits for it if loading fails.
+    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-sha256")
+    identity = hashing.submit(weights_sha256, weights_path)
+    hashing.shutdown(wait=False)
     raw = read_checkpoint(weights_path)
     state = unwrap(raw, weights_path)
     layout = detect_layout(state)
@@ -212,7 +219,7 @@ def load_encoder(
         spec,
         backbone,
         weights_path=weights_path,
-        weights_sha256=weights_sha256(weights_path),
+        weights_sha256=identity.result(),
         checkpoint_layout=layout,
     )
     try:
