@@ -284,8 +284,8 @@ def test_nan_gradients_under_a_finite_loss_stop_the_run_before_the_step(tmp_path
     with pytest.raises(TrainingError, match=r"training diverged at step 2: the gradients of "
                                             r"backbone are not finite; lower model.schedule"):
         fit(run, callbacks=[NaNGradientFromStep2()])
-    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=True)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values()
                if v.is_floating_point())
