@@ -135,9 +135,9 @@ def non_finite_tensors(state: dict[str, Any]) -> list[str]:
 
     def finite(tensor: torch.Tensor) -> bool:
         # NaN or infinity anywhere makes the sum NaN or infinite, so a finite sum proves the
-        # tensor finite without a full-size mask (4x faster on a ViT-L, bench/
-        # bench_weights_checks.py); a non-finite sum, which huge finite values can also give,
-        # is settled element by element.
+        # tensor finite without a full-size mask (11x faster on a ViT-L, docs/benchmarks.md);
+        # a non-finite sum, which huge finite values can also give, is settled element by
+        # element.
         return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
     return [
