@@ -43,7 +43,7 @@ def main() -> None:
     from napari_gpfm.encoders import get_spec, load_encoder
     from napari_gpfm.encoders.builders import instantiate_on_meta
     from napari_gpfm.encoders.checkpoints import (
-        _data_sha256,
+        data_sha256,
         non_finite_tensors,
         safetensors_bytes,
         weights_sha256,
@@ -71,7 +71,7 @@ def main() -> None:
             load_encoder(model, weights=path)  # warm: page cache, imports
             total = _median_s(lambda m=model, p=path: load_encoder(m, weights=p), args.repeats)
             identity = _median_s(lambda p=path: weights_sha256(p), args.repeats)
-            digest = _median_s(lambda p=path: _data_sha256(p), args.repeats)
+            digest = _median_s(lambda p=path: data_sha256(p), args.repeats)
             tensors = load_file(str(path))
             scan = _median_s(lambda s=tensors: non_finite_tensors(s), args.repeats)
             del tensors

@@ -32,6 +32,7 @@ def average_exports(sources: Sequence[str | os.PathLike], out: str | os.PathLike
 
     from napari_gpfm.analysis._io import atomic_output
     from napari_gpfm.encoders.checkpoints import (
+        TIMM_METADATA,
         non_finite_tensors,
         read_checkpoint,
         safetensors_bytes,
@@ -91,7 +92,7 @@ def average_exports(sources: Sequence[str | os.PathLike], out: str | os.PathLike
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out, "averaged weights") as tmp:
-        tmp.write_bytes(safetensors_bytes(mean, {"format": "pt", "layout": "timm"}))
+        tmp.write_bytes(safetensors_bytes(mean, TIMM_METADATA))
     names = ", ".join(str(p) for p in paths)
     notes = f"uniform average of {len(paths)} exported teachers ({names})"
     dataclasses.replace(first, notes=notes).write(out.with_suffix(".json"))

@@ -205,7 +205,7 @@ def export_teacher(
     import torch
 
     from gpfm_train.export_weights import to_gpfm_release_layout
-    from napari_gpfm.encoders.checkpoints import safetensors_bytes
+    from napari_gpfm.encoders.checkpoints import TIMM_METADATA, safetensors_bytes
 
     if layout not in LAYOUTS:
         raise ParameterError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
@@ -220,7 +220,7 @@ def export_teacher(
         # Serialised here and written into a temporary file of our own (unique, with a normal
         # file's permissions: save_file recreates its file 0600), renamed once complete.
         with atomic_output(out, "exported weights") as tmp:
-            tmp.write_bytes(safetensors_bytes(ckpt.backbone, {"format": "pt", "layout": "timm"}))
+            tmp.write_bytes(safetensors_bytes(ckpt.backbone, TIMM_METADATA))
         json_path = description.write(out.with_suffix(".json"))
     else:
         if out.suffix not in (".pth", ".pt"):

@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from _encoder_fixtures import random_state_dict, to_dinov2_release, to_hf_vit
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from napari_gpfm.encoders import get_spec, load_encoder, read_checkpoint, weights_sha256
+from napari_gpfm.encoders.checkpoints import (
+    DATA_DIGEST_KEY,
+    non_finite_tensors,
+    safetensors_bytes,
+)
 from napari_gpfm.encoders.layouts import StateDict, convert, detect_layout, unwrap
 from napari_gpfm.errors import WeightsError
 
@@ -294,8 +300,6 @@ def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path):
                                            r"tensor\(s\) \(blocks.3.attn.qkv.weight, norm.bias\)"):
         load_encoder(TINY, weights=path)
     # Finite values whose sum overflows are not mistaken for infinity (the scan's fast path).
-    from napari_gpfm.encoders.checkpoints import non_finite_tensors
-
     assert non_finite_tensors({"huge": torch.tensor([3e38, 3e38]), "steps": torch.tensor([7]),
                                "norm.bias": state["norm.bias"]}) == ["norm.bias"]
     state["blocks.3.attn.qkv.weight"][0, 0] = 0.0
@@ -307,17 +311,11 @@ def test_weights_holding_nan_or_infinity_are_refused_by_name(tmp_path):
 def test_a_flipped_byte_in_signed_tensor_data_is_caught(tmp_path):
     """safetensors itself parses a file whose tensor bytes changed; the digest that napari-gpfm's
     writers put in the header does not let it through."""
-    from safetensors.torch import load_file
-
-    from napari_gpfm.encoders.checkpoints import DATA_DIGEST_KEY, safetensors_bytes
-
     state = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 4)}
     path = tmp_path / "signed.safetensors"
     path.write_bytes(safetensors_bytes(state, {"format": "pt"}))
     read = read_checkpoint(path)
     assert torch.equal(read["a"], state["a"]) and torch.equal(read["b"], state["b"])
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         assert set(handle.metadata()) == {"format", DATA_DIGEST_KEY}
 

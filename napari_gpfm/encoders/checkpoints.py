@@ -30,6 +30,8 @@ _ZIP_MAGIC = b"PK\x03\x04"
 # Header metadata key of the sha256 of a .safetensors file's data section (what follows the
 # header): written by safetensors_bytes, verified by read_checkpoint.
 DATA_DIGEST_KEY = "gpfm.data_sha256"
+# The header metadata of a timm-layout state dict (export, average, the random twin).
+TIMM_METADATA = {"format": "pt", "layout": "timm"}
 
 
 def weights_sha256(path: str | os.PathLike[str]) -> str:
@@ -87,7 +89,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
             f"weights file {path} is a damaged safetensors file ({first_line(exc, 160)}); "
             "download or export it again"
         ) from None
-    if expected is not None and _data_sha256(path) != expected:
+    if expected is not None and data_sha256(path) != expected:
         raise WeightsError(
             f"weights file {path} is damaged: its tensor data differ from what was written "
             f"(the sha256 in its header, {DATA_DIGEST_KEY}, does not match); copy, download or "
@@ -101,7 +103,7 @@ def _data_offset(header_len_field: bytes) -> int:
     return 8 + header_len
 
 
-def _data_sha256(path: Path) -> str:
+def data_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of the data section of the .safetensors file ``path``."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

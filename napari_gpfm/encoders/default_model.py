@@ -208,7 +208,7 @@ def write_random_twin(
     import timm
     import torch
 
-    from napari_gpfm.encoders.checkpoints import safetensors_bytes
+    from napari_gpfm.encoders.checkpoints import TIMM_METADATA, safetensors_bytes
 
     weights = Path(weights)
     config = DefaultModelConfig.read(weights.with_suffix(".json"))
@@ -216,7 +216,7 @@ def write_random_twin(
     model = timm.create_model(config.architecture, **config.model_kwargs, num_classes=0)
     out = Path(folder) / "default-random.safetensors"
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    out.write_bytes(safetensors_bytes(state, {"format": "pt", "layout": "timm"}))
+    out.write_bytes(safetensors_bytes(state, TIMM_METADATA))
     dataclasses.replace(config, notes=f"random weights (seed {seed}) of {weights.name}'s "
                         "network").write(out.with_suffix(".json"))
     return out
