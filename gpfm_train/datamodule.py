@@ -9,7 +9,8 @@ Tiles come from one or more **sources**, concatenated in the order given:
 * ``tile_folder``: a folder tree of PNG/JPEG/TIFF tiles.
 
 Relative paths resolve against the current directory (manifest slide paths against ``root``,
-default the current directory too).
+default the current directory too). A source may set its own ``tiling`` in place of the
+section's: another magnification, or a coarser stride for a slide much larger than the others.
 
 Each rank reads a disjoint shard of one infinite seeded stream
 (:class:`~gpfm_train.data.sampler.InfiniteShardedSampler`, rank and world size from the
@@ -67,7 +68,8 @@ class SourceOptions:
 
     ``root`` is the base of relative slide paths in a manifest; ``splits`` the manifest splits
     used (a slide manifest's ``split`` column); ``default_mpp`` the level-0 um/px of listed
-    slides that record none.
+    slides that record none; ``tiling``, when given, replaces ``data.tiling`` for this source's
+    slides (a tile folder has no tiling).
     """
 
     manifest: str | None = None
@@ -76,6 +78,7 @@ class SourceOptions:
     root: str | None = None
     splits: tuple[str, ...] = ("train",)
     default_mpp: float | None = None
+    tiling: TilingOptions | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in ("manifest", "slides", "tile_folder") if getattr(self, k)]
@@ -83,6 +86,11 @@ class SourceOptions:
             raise ConfigError(
                 "each data source needs exactly one of manifest, slides, tile_folder "
                 f"(got {', '.join(given) or 'none'})"
+            )
+        if self.tiling is not None and self.tile_folder:
+            raise ConfigError(
+                "a tile_folder source is read as it is and takes no tiling; remove its tiling "
+                "or list slides instead"
             )
 
     @property
@@ -169,6 +177,8 @@ def _source_dataset(source: SourceOptions, options: DataOptions, where: str, bui
     from gpfm_train.data.manifests import load_slide_manifest, load_tile_manifest, manifest_kind
 
     common = {"on_error": options.on_error, "max_open_slides": options.max_open_slides}
+    tiling = source.tiling or options.tiling
+    tiling_key = f"{where}.tiling" if source.tiling else "data.tiling"
     if source.kind == "tile_folder":
         folder = _existing(source.tile_folder, f"{where}.tile_folder", "tile folder")
         return TileFolderDataset(folder, on_error=options.on_error)  # lists files: cheap
@@ -176,7 +186,7 @@ def _source_dataset(source: SourceOptions, options: DataOptions, where: str, bui
         paths = [_existing(p, f"{where}.slides", "slide") for p in source.slides]
         if not build:
             return None
-        return SlideTileDataset(paths, options.tiling.spec(), default_mpp=source.default_mpp,
+        return SlideTileDataset(paths, tiling.spec(), default_mpp=source.default_mpp,
                                 **common)
     path = _existing(source.manifest, f"{where}.manifest", "manifest")
     kind = manifest_kind(path)
@@ -193,18 +203,18 @@ def _source_dataset(source: SourceOptions, options: DataOptions, where: str, bui
                 f"config {where}.manifest: {path} has no row with split in "
                 f"{list(source.splits)}; change {where}.splits or the manifest"
             )
-        spec_id = options.tiling.spec().id
+        spec_id = tiling.spec().id
         other = sorted({r.spec_id for r in rows} - {spec_id})
         if other:
             raise ConfigError(
                 f"config {where}.manifest: {path} was counted with tiling spec {other[0]} but "
-                f"data.tiling gives spec {spec_id}; use the tiling it was built with or rebuild "
+                f"{tiling_key} gives spec {spec_id}; use the tiling it was built with or rebuild "
                 "it (gpfm-train manifest build --mpp/--size/--min-tissue)"
             )
     if not build:
         _check_slide_files(rows, source, options, f"{where}.manifest", path)
         return None
-    return SlideTileDataset(rows, options.tiling.spec(), root=source.root,
+    return SlideTileDataset(rows, tiling.spec(), root=source.root,
                             default_mpp=source.default_mpp, **common)
 
 

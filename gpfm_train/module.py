@@ -101,6 +101,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as exc:
                 errors.append(exc)
+                # A mapping meant for a section (``tiling: {...}``): its own error names the
+                # bad key, which "expected X or null" would hide.
+                if dataclasses.is_dataclass(option) and isinstance(value, Mapping):
+                    raise
         wanted = " or ".join(_type_name(o) for o in options if o is not type(None))
         if type(None) in options:
             wanted += " or null"

