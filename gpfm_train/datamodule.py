@@ -20,7 +20,10 @@ checkpoint state (:meth:`GPFMDataModule.state_dict`), derived from ``trainer.glo
 resumed run continues at the exact sample where the uninterrupted run would have.
 
 ``on_error: skip`` replaces the tiles of a slide that fails mid-run by tiles of the next
-readable slide and logs a warning naming the slide; ``raise`` stops the run.
+readable slide and logs a warning naming the slide; ``raise`` stops the run. At setup, a slide
+that cannot be tiled (unreadable, or a scan coarser than the tiling would upsample) is skipped
+the same way, and a source left without tiles is dropped with a warning while another source
+still gives tiles.
 """
 
 from __future__ import annotations
@@ -251,10 +254,22 @@ class GPFMDataModule(pl.LightningDataModule):
         """The concatenated tile dataset of all sources (slides are tiled here)."""
         from torch.utils.data import ConcatDataset
 
-        parts = [
-            _source_dataset(source, self.options, f"data.sources[{i}]", build=True)
-            for i, source in enumerate(self.options.sources)
-        ]
+        from gpfm_train.data.datasets import NoTilesError
+
+        parts = []
+        for i, source in enumerate(self.options.sources):
+            where = f"data.sources[{i}]"
+            try:
+                parts.append(_source_dataset(source, self.options, where, build=True))
+            except NoTilesError as exc:
+                # Under on_error: skip a source whose slides all failed goes the way of its
+                # slides, as long as another source still gives tiles.
+                if self.options.on_error == "raise" or len(self.options.sources) == 1:
+                    raise NoTilesError(f"config {where}: {exc}") from None
+                _log.warning("config %s gives no tile (%s); training goes on without it",
+                             where, exc)
+        if not parts:
+            raise NoTilesError("config data.sources: no source gives a tile (see the warnings)")
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -32,6 +32,10 @@ ON_ERROR = ("skip", "raise")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
+class NoTilesError(ConfigError):
+    """Every slide of a dataset failed (and was skipped) or had no tissue tile."""
+
+
 def _check_on_error(on_error: str) -> str:
     if on_error not in ON_ERROR:
         raise ParameterError(f"on_error={on_error!r} must be 'skip' or 'raise'")
@@ -113,8 +117,8 @@ class SlideTileDataset:
                 read.append(np.full(n, spec.read_size, dtype=np.int64))
                 target_mpp.append(np.full(n, spec.mpp, dtype=np.float64))
         if not xy:
-            raise ConfigError(
-                "SlideTileDataset has no tissue tile: every slide failed or was empty"
+            raise NoTilesError(
+                "no tissue tile: every slide failed (see the warnings above) or had no tissue"
             )
         self._xy = np.concatenate(xy)
         self._size_l0 = np.concatenate(size_l0)
@@ -129,6 +133,7 @@ class SlideTileDataset:
     def _tile_slide(self, item: Any, spec: Any, default_mpp: float | None):
         from napari_gpfm.slides import open_slide
         from napari_gpfm.tiling import make_grid
+        from napari_gpfm.tiling.grid import upsamples
 
         if isinstance(item, SlideRow):
             if item.spec_id != spec.id:
@@ -147,6 +152,16 @@ class SlideTileDataset:
                     slide.close()
                     mpp = float(default_mpp)
                     slide = open_slide(path, mpp=mpp)
+                if slide.has_mpp and upsamples(slide.mpp, spec.mpp):
+                    # make_grid's own refusal speaks the CLI's --mpp; a run config fixes it
+                    # with a source of the slide's own.
+                    raise ParameterError(
+                        f"{path} is scanned at {slide.mpp:.3g} um/px, coarser than the tiling's "
+                        f"{spec.mpp:g} um/px: its tiles would be upsampled, inventing detail. "
+                        "Give it a source of its own that reads it at its scale "
+                        f"(data.sources[i].tiling: {{mpp: {slide.mpp:.3g}, ...}}), or tile every "
+                        "source coarser (data.tiling.mpp)"
+                    )
                 grid = make_grid(slide, spec)
             finally:
                 slide.close()

@@ -291,7 +291,7 @@ def test_nan_gradients_under_a_finite_loss_stop_the_run_before_the_step(tmp_path
                if v.is_floating_point())
 
 
-def test_a_source_with_its_own_tiling_reads_an_uncalibrated_slide_at_its_true_scale():
+def test_a_source_with_its_own_tiling_reads_an_uncalibrated_slide_at_its_true_scale(caplog):
     """The TCGA frozen section records no pixel size (~1 um/px): at data.tiling's 0.5 um/px it
     would be upsampled (refused); its own tiling reads it at 1 um/px beside the sample."""
     from gpfm_train.datamodule import DataOptions, GPFMDataModule
@@ -322,8 +322,17 @@ def test_a_source_with_its_own_tiling_reads_an_uncalibrated_slide_at_its_true_sc
 
     # Without its own tiling the slide would be upsampled: refused, naming the fix.
     del data["sources"][1]["tiling"]
-    with pytest.raises(ParameterError, match="upsampled"):
+    with pytest.raises(ParameterError, match=r"ts1\.svs is scanned at 1 um/px, coarser than "
+                       r"the tiling's 0\.5 um/px: its tiles would be upsampled.*"
+                       r"data\.sources\[i\]\.tiling: \{mpp: 1, \.\.\.\}"):
         GPFMDataModule(DataOptions.from_mapping(data)).setup("fit")
+    # Told to skip, the run goes on with the sample alone and the log says how to keep the slide.
+    skipping = GPFMDataModule(DataOptions.from_mapping({**data, "on_error": "skip"}))
+    with caplog.at_level("WARNING", logger="gpfm_train"):
+        skipping.setup("fit")
+    assert len(skipping.tiles) == 49
+    assert "skipping slide" in caplog.text and "data.sources[i].tiling" in caplog.text
+    assert "config data.sources[1] gives no tile" in caplog.text
     # A bad key inside a source's tiling is named; a tile folder takes no tiling.
     data["sources"][1]["tiling"] = {**own, "strid": 112}
     with pytest.raises(ConfigError, match=r"sources\[1\]\.tiling: unknown option\(s\) strid"):
