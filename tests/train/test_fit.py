@@ -333,6 +333,13 @@ def test_a_source_with_its_own_tiling_reads_an_uncalibrated_slide_at_its_true_sc
     assert len(skipping.tiles) == 49
     assert "skipping slide" in caplog.text and "data.sources[i].tiling" in caplog.text
     assert "config data.sources[1] gives no tile" in caplog.text
+    # With no other source left, the run stops and says which source came up empty.
+    alone = {**data, "on_error": "skip", "sources": data["sources"][1:]}
+    with pytest.raises(ConfigError, match=r"config data\.sources\[0\]: no tissue tile"):
+        GPFMDataModule(DataOptions.from_mapping(alone)).setup("fit")
+    with pytest.raises(ConfigError, match="no source gives a tile"):
+        GPFMDataModule(DataOptions.from_mapping(
+            {**alone, "sources": alone["sources"] * 2})).setup("fit")
     # A bad key inside a source's tiling is named; a tile folder takes no tiling.
     data["sources"][1]["tiling"] = {**own, "strid": 112}
     with pytest.raises(ConfigError, match=r"sources\[1\]\.tiling: unknown option\(s\) strid"):
