@@ -24,3 +24,11 @@ def ram_gib() -> float | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def report(text: str, out: str | os.PathLike | None) -> None:
+    """Print a benchmark's Markdown and append it to ``out`` when given (runs accumulate)."""
+    print(text)
+    if out:
+        with open(out, "a", encoding="utf-8") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")

@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from _machine import report  # noqa: E402
 from bench_embed import machine_info  # noqa: E402  (the bench folder is not a package)
 
 SETTINGS = {
@@ -86,11 +87,7 @@ def main() -> int:
         for key, values in times.items():
             lines.append(f"| {name} | {key} | {min(values):.1f} | "
                          f"{', '.join(f'{v:.1f}' for v in values)} | {min(values) / base:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(table + "\n")
+    report("\n".join(lines), args.out)
     return 0
 
 

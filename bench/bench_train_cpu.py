@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from _machine import report  # noqa: E402
 from bench_embed import machine_info  # noqa: E402  (the bench folder is not a package)
 
 
@@ -131,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_only in modes:
             rows.append(_run(args.config, args.set, Path(tmp) / str(model_only), args.steps,
                              args.warmup, model_only))
-    text = markdown(info, rows)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(text)
+    report(markdown(info, rows), args.out)
     return 0
 
 

@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from _machine import report  # noqa: E402
 from bench_embed import machine_info  # noqa: E402  (the bench folder is not a package)
 
 
@@ -104,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {' / '.join(f'{t:.2f}' for t in ts)} | "
                      f"{statistics.median(ts):.2f} |")
     lines += ["", f"Ratio setup / bare tiling: {setup / base:.3f}"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(text)
+    report("\n".join(lines) + "\n", args.out)
     return 0
 
 
