@@ -14,6 +14,10 @@ every 56 px instead of 112 (679 tiles, same regions), without the bootstrap.
 
     python scripts/evaluate_default_model.py [--weights W] [--out docs/default-model-eval.md]
                                              [--csv OUT.csv]  (default: beside --out)
+
+The main table goes to --out (Markdown) and --csv, the stability table to --out and to
+OUT-stability.csv beside --csv. `scripts/judge_default_model.py` compares two such results by
+the card's rule.
 """
 
 from __future__ import annotations
@@ -28,16 +32,16 @@ ROW_NAMES = ("default (trained)", "default, random weights", "baseline:colour-hi
 PARTITIONS = ((5, 0), (5, 4), (4, 0), (3, 0))
 
 
-def stability_table(models: list[str], regions: Path, tiles_112) -> str:
+def stability_rows(models: list[str], regions: Path, tiles_112) -> list[dict]:
     """Balanced accuracy of the linear probe and kNN for ``models`` (named as ROW_NAMES)
     under every partition of PARTITIONS, on ``tiles_112`` (the main table's tiles, stride
-    112 px) and on the same regions cut every 56 px: Markdown."""
+    112 px) and on the same regions cut every 56 px: one row per encoder, tiling and probe,
+    with a ``cells`` list in the order of PARTITIONS."""
     from napari_gpfm.data.sample import sample_slide_path
     from napari_gpfm.evaluation import knn_probe, linear_probe, load_extractor, load_tileset
     from napari_gpfm.evaluation.splits import make_folds
 
-    header = ["encoder", "stride", "probe"] + [f"{k} folds, seed {s}" for k, s in PARTITIONS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     tiles_56 = load_tileset(sample_slide_path(), regions=regions, mpp=0.5, size=224, stride=56)
     for stride, tiles in ((112, tiles_112), (56, tiles_56)):
         partitions = [make_folds(tiles, k, "region", seed) for k, seed in PARTITIONS]
@@ -47,9 +51,36 @@ def stability_table(models: list[str], regions: Path, tiles_112) -> str:
             for probe_name, probe in (("linear", linear_probe), ("kNN", knn_probe)):
                 cells = [probe(x, tiles.labels, folds, n_classes, n_boot=0)
                          .metrics["balanced_accuracy"].value for folds in partitions]
-                lines.append(f"| {name} | {stride} px ({len(tiles)} tiles) | {probe_name} | "
-                             + " | ".join(f"{v:.3f}" for v in cells) + " |")
+                rows.append({"encoder": name, "stride": stride, "tiles": len(tiles),
+                             "probe": probe_name, "cells": cells})
+    return rows
+
+
+def stability_markdown(rows: list[dict]) -> str:
+    header = ["encoder", "stride", "probe"] + [f"{k} folds, seed {s}" for k, s in PARTITIONS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [f"| {r['encoder']} | {r['stride']} px ({r['tiles']} tiles) | {r['probe']} | "
+              + " | ".join(f"{v:.3f}" for v in r["cells"]) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def write_stability_csv(rows: list[dict], path: Path) -> None:
+    """One line per cell (encoder, stride, tiles, probe, folds, seed, balanced_accuracy):
+    what `scripts/judge_default_model.py` reads."""
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["encoder", "stride", "tiles", "probe", "folds", "seed",
+                      "balanced_accuracy"])
+        for r in rows:
+            for (folds, seed), value in zip(PARTITIONS, r["cells"], strict=True):
+                out.writerow([r["encoder"], r["stride"], r["tiles"], r["probe"], folds, seed,
+                              f"{value:.6f}"])
+
+
+def stability_csv_path(csv_path: Path) -> Path:
+    return csv_path.with_name(csv_path.stem + "-stability.csv")
 
 
 def main() -> None:
@@ -77,7 +108,7 @@ def main() -> None:
         report = evaluate(models, tiles,
                           EvalSettings(seed=0, n_boot=args.bootstrap, folds=args.folds),
                           log=print)
-        stability = stability_table(models, args.regions, tiles)
+        stability = stability_rows(models, args.regions, tiles)
     import dataclasses
 
     trained_id = report.rows[0].encoder_id
@@ -90,12 +121,14 @@ def main() -> None:
         for row in report.rows
     ]
     report.write_markdown(args.out)
-    report.write_csv(args.csv or args.out.with_suffix(".csv"))
+    csv_path = args.csv or args.out.with_suffix(".csv")
+    report.write_csv(csv_path)
+    write_stability_csv(stability, stability_csv_path(csv_path))
     with args.out.open("a", encoding="utf-8") as out:
         out.write("\n## Stability: balanced accuracy under other partitions and tilings\n\n"
-                  + stability)
+                  + stability_markdown(stability))
     print(report.to_markdown())
-    print(stability)
+    print(stability_markdown(stability))
 
 
 if __name__ == "__main__":
