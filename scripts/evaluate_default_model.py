@@ -79,11 +79,10 @@ def write_stability_csv(rows: list[dict], path: Path) -> None:
                               f"{value:.6f}"])
 
 
-def stability_csv_path(csv_path: Path) -> Path:
-    return csv_path.with_name(csv_path.stem + "-stability.csv")
-
-
 def main() -> None:
+    # the sibling script that reads these files names them (python puts scripts/ on the path)
+    from judge_default_model import stability_path
+
     from napari_gpfm.data.sample import sample_slide_path
     from napari_gpfm.encoders.default_model import write_random_twin
     from napari_gpfm.evaluation import EvalSettings, evaluate, load_tileset
@@ -123,7 +122,7 @@ def main() -> None:
     report.write_markdown(args.out)
     csv_path = args.csv or args.out.with_suffix(".csv")
     report.write_csv(csv_path)
-    write_stability_csv(stability, stability_csv_path(csv_path))
+    write_stability_csv(stability, stability_path(csv_path))
     with args.out.open("a", encoding="utf-8") as out:
         out.write("\n## Stability: balanced accuracy under other partitions and tilings\n\n"
                   + stability_markdown(stability))
