@@ -4,8 +4,8 @@
 (missing pixel size, a scan the tiling would upsample), tiles it and concatenates the sources.
 The baseline is the bare work underneath: ``open_slide`` + ``make_grid`` on the same slides
 with the same specs. Both are timed alternately, ``--repeats`` times each, and the ratio of
-the medians is the datamodule's overhead (one untimed round of each first). Run from the repository root (configs name slides
-relative to it)::
+the medians is the datamodule's overhead (one untimed round of each first). Run from the
+repository root (configs name slides relative to it)::
 
     python bench/bench_train_setup.py       # default_model_stage3.yaml: 2 slides, 2 tile folders
     python bench/bench_train_setup.py --set 'data.sources=[...]'     # other sources
