@@ -329,3 +329,15 @@ def test_a_flipped_byte_in_signed_tensor_data_is_caught(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file(state, str(plain))
     assert torch.equal(read_checkpoint(plain)["a"], state["a"])
+
+
+def test_the_same_tensors_always_give_the_same_file():
+    """A file's sha256 names the encoder in stores and libraries, so writing the same weights
+    again must give the same bytes; safetensors orders the header's metadata differently from
+    call to call (a hash map), and the writer sorts it."""
+    state = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5)}
+    metadata = {"format": "pt", "layout": "timm", "note": "x", "z": "1", "a": "2"}
+    files = {safetensors_bytes(state, metadata) for _ in range(20)}
+    assert len(files) == 1
+    (blob,) = files
+    assert (8 + int.from_bytes(blob[:8], "little")) % 8 == 0  # the data stays aligned

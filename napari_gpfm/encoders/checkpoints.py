@@ -16,6 +16,7 @@ tensors holding NaN or infinity, which loading refuses whatever the file's origi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -118,7 +119,10 @@ def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> byte
     section (:data:`DATA_DIGEST_KEY`) in the header, for :func:`read_checkpoint` to verify.
 
     The data section does not depend on the metadata (tensors are laid out by dtype and name),
-    so it is serialised once to be hashed and once more with the digest in its header.
+    so it is serialised once to be hashed and once more with the digest in its header. The
+    header is then written with sorted keys: safetensors keeps the metadata in a hash map whose
+    order changes from call to call, and the same tensors must give the same file (its sha256
+    is the encoder's identity in stores and libraries).
     """
     from safetensors.torch import save
 
@@ -126,9 +130,13 @@ def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str]) -> byte
     digest = hashlib.sha256(memoryview(plain)[_data_offset(plain[:8]):]).hexdigest()
     del plain  # a ViT-L is 1.2 GB: one copy at a time
     signed = save(tensors, metadata={**metadata, DATA_DIGEST_KEY: digest})
-    if hashlib.sha256(memoryview(signed)[_data_offset(signed[:8]):]).hexdigest() != digest:
+    start = _data_offset(signed[:8])
+    if hashlib.sha256(memoryview(signed)[start:]).hexdigest() != digest:
         raise RuntimeError("safetensors laid the same tensors out twice differently")
-    return signed
+    header = json.dumps(json.loads(signed[8:start]), sort_keys=True,
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors aligns the data section to 8 bytes
+    return struct.pack("<Q", len(header)) + header + memoryview(signed)[start:]
 
 
 def non_finite_tensors(state: dict[str, Any]) -> list[str]:
