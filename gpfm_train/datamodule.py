@@ -39,7 +39,7 @@ import lightning.pytorch as pl
 from gpfm_train.data.augment import MultiCropConfig
 from gpfm_train.data.collate import MaskConfig
 from gpfm_train.module import _plain, config_dataclass
-from napari_gpfm.errors import ConfigError
+from napari_gpfm.errors import ConfigError, GPFMError
 
 _log = logging.getLogger(__name__)
 
@@ -72,7 +72,10 @@ class SourceOptions:
     ``root`` is the base of relative slide paths in a manifest; ``splits`` the manifest splits
     used (a slide manifest's ``split`` column); ``default_mpp`` the level-0 um/px of listed
     slides that record none; ``tiling``, when given, replaces ``data.tiling`` for this source's
-    slides (a tile folder has no tiling).
+    slides (a tile folder has no tiling). ``exclude_regions``, a GeoJSON of level-0 polygons
+    (QuPath's export) for a source of one listed slide, leaves out every tile that touches one
+    of them, with ``exclude_margin_um`` to spare: hold a slide's labelled evaluation regions out
+    of pretraining.
     """
 
     manifest: str | None = None
@@ -82,6 +85,8 @@ class SourceOptions:
     splits: tuple[str, ...] = ("train",)
     default_mpp: float | None = None
     tiling: TilingOptions | None = None
+    exclude_regions: str | None = None
+    exclude_margin_um: float = 0.0
 
     def __post_init__(self) -> None:
         given = [k for k in ("manifest", "slides", "tile_folder") if getattr(self, k)]
@@ -95,6 +100,14 @@ class SourceOptions:
                 "a tile_folder source is read as it is and takes no tiling; remove its tiling "
                 "or list slides instead"
             )
+        if self.exclude_regions and len(self.slides) != 1:
+            raise ConfigError(
+                "exclude_regions holds one slide's level-0 polygons: give it to a source that "
+                f"lists exactly one slide (this one is a {self.kind} source"
+                + (f" of {len(self.slides)} slides)" if self.slides else ")")
+            )
+        if self.exclude_margin_um < 0:
+            raise ConfigError(f"exclude_margin_um={self.exclude_margin_um} must be 0 or more")
 
     @property
     def kind(self) -> str:
@@ -174,6 +187,19 @@ def _check_slide_files(rows: list, source: SourceOptions, options: DataOptions, 
                  len(missing), len(paths), missing[0])
 
 
+def _excluded_polygons(source: SourceOptions, where: str) -> list:
+    """The polygons of ``source.exclude_regions`` (none when it names no file)."""
+    if not source.exclude_regions:
+        return []
+    from napari_gpfm.analysis.geojson import read_geojson
+
+    path = _existing(source.exclude_regions, f"{where}.exclude_regions", "GeoJSON file")
+    try:
+        return [a.polygon for a in read_geojson(path)]
+    except GPFMError as exc:
+        raise ConfigError(f"config {where}.exclude_regions: {exc}") from exc
+
+
 def _source_dataset(source: SourceOptions, options: DataOptions, where: str, build: bool):
     """The tile dataset of one source (``build=False``: only check it, cheaply)."""
     from gpfm_train.data.datasets import SlideTileDataset, TileFolderDataset
@@ -187,10 +213,12 @@ def _source_dataset(source: SourceOptions, options: DataOptions, where: str, bui
         return TileFolderDataset(folder, on_error=options.on_error)  # lists files: cheap
     if source.kind == "slides":
         paths = [_existing(p, f"{where}.slides", "slide") for p in source.slides]
+        excluded = _excluded_polygons(source, where)
         if not build:
             return None
         return SlideTileDataset(paths, tiling.spec(), default_mpp=source.default_mpp,
-                                **common)
+                                exclude_regions=excluded,
+                                exclude_margin_um=source.exclude_margin_um, **common)
     path = _existing(source.manifest, f"{where}.manifest", "manifest")
     kind = manifest_kind(path)
     if kind == "sources":

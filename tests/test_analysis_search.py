@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_gpfm.analysis.geometry import Roi, points_in_polygon, tile_boxes
+from napari_gpfm.analysis.geometry import (
+    Roi,
+    boxes_touching_polygon,
+    points_in_polygon,
+    tile_boxes,
+)
 from napari_gpfm.analysis.search import (
     EMPTY_ROI_MESSAGE,
     normalize,
@@ -95,6 +100,37 @@ def test_self_intersecting_polygon_uses_even_odd_rule():
         False,
         False,
     ]
+
+
+def test_boxes_touching_a_polygon_include_ones_crossed_by_an_edge_alone():
+    # An L-shaped (concave) polygon: the notch at the top right is outside.
+    ell = np.array([(0, 0), (100, 0), (100, 40), (40, 40), (40, 100), (0, 100)], dtype=float)
+    boxes = np.array([
+        [10, 10, 20, 20],       # inside
+        [60, 60, 90, 90],       # in the notch: outside
+        [90, 30, 110, 50],      # over the corner at (100, 40): centre outside, vertex inside
+        [30, 45, 50, 200],      # crossed by the edge x = 40 only: no vertex in it, centre out
+        [-50, -50, 300, 300],   # holds the whole polygon
+        [101, 0, 120, 10],      # right of it
+        [41, 41, 99, 99],       # fills the notch without touching it
+    ], dtype=float)
+    assert boxes_touching_polygon(boxes, ell).tolist() == [
+        True, False, True, True, True, False, False]
+    # Against a dense test of each box's points, on random boxes: no box with a point inside
+    # is missed (what holding evaluation tiles out of training needs), and a box is called
+    # touching without such a point only where the overlap is thinner than the sampling.
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(-20, 120, size=(300, 2))
+    random_boxes = np.concatenate([xy, xy + rng.uniform(1, 30, size=(300, 2))], axis=1)
+    u, v = (g.ravel() for g in np.meshgrid(np.linspace(0, 1, 41), np.linspace(0, 1, 41)))
+    sampled = np.array([
+        points_in_polygon(np.stack([b[0] + u * (b[2] - b[0]), b[1] + v * (b[3] - b[1])], 1),
+                          ell).any()
+        for b in random_boxes])
+    touching = boxes_touching_polygon(random_boxes, ell)
+    assert not (sampled & ~touching).any()
+    assert sampled.sum() > 60 and (touching & ~sampled).sum() <= 3
+    assert not boxes_touching_polygon(np.zeros((0, 4)), ell).size
 
 
 def test_point_selects_the_nearest_tile_and_nothing_far_away():

@@ -52,6 +52,10 @@ class SlideTileDataset:
         spec: a ``napari_gpfm.tiling.TilingSpec``; needed for slides, ignored for tile rows.
         root: base of relative slide paths (default: the current directory).
         default_mpp: level-0 um/px for slides (given as paths) whose file records none.
+        exclude_regions: level-0 ``(M, 2)`` polygons whose tiles are left out of every slide
+            tiled here (e.g. the labelled regions of an evaluation, so that pretraining never
+            sees their pixels): a tile is dropped when its box, grown by
+            ``exclude_margin_um`` on every side, shares any area with one of them.
         on_error: ``"skip"`` or ``"raise"`` when a slide cannot be opened or read.
         max_open_slides: slides kept open per process.
 
@@ -67,10 +71,16 @@ class SlideTileDataset:
         *,
         root: str | os.PathLike | None = None,
         default_mpp: float | None = None,
+        exclude_regions: Sequence[np.ndarray] = (),
+        exclude_margin_um: float = 0.0,
         on_error: str = "skip",
         max_open_slides: int = 16,
     ) -> None:
         self.on_error = _check_on_error(on_error)
+        if exclude_margin_um < 0:
+            raise ParameterError(f"exclude_margin_um={exclude_margin_um} must be 0 or more")
+        self._exclude = [np.asarray(p, dtype=np.float64) for p in exclude_regions]
+        self._exclude_margin_um = float(exclude_margin_um)
         if max_open_slides < 1:
             raise ParameterError(f"max_open_slides={max_open_slides} must be at least 1")
         self.max_open_slides = int(max_open_slides)
@@ -165,6 +175,7 @@ class SlideTileDataset:
                 grid = make_grid(slide, spec)
             finally:
                 slide.close()
+            grid = self._without_excluded(grid)
         except Exception as exc:
             if self.on_error == "raise":
                 if isinstance(exc, GPFMError):
@@ -180,6 +191,23 @@ class SlideTileDataset:
                 len(grid),
             )
         return grid, path, mpp
+
+    def _without_excluded(self, grid: Any) -> Any:
+        if not self._exclude or len(grid) == 0:
+            return grid
+        import dataclasses
+
+        from napari_gpfm.analysis.geometry import boxes_touching_polygon
+
+        margin = self._exclude_margin_um / grid.slide_mpp
+        boxes = grid.boxes() + np.array([-margin, -margin, margin, margin])
+        dropped = np.zeros(len(grid), dtype=bool)
+        for polygon in self._exclude:
+            dropped |= boxes_touching_polygon(boxes, polygon)
+        _log.info("%s: %d of %d tiles left out (they touch an excluded region)",
+                  grid.slide_path, int(dropped.sum()), len(grid))
+        return dataclasses.replace(grid, coords=grid.coords[~dropped],
+                                   tissue_fraction=grid.tissue_fraction[~dropped])
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:

