@@ -9,7 +9,8 @@ colour histogram's on the main partition and in >= 6 of the 8 stability settings
 every candidate is judged the same way, ties included (top-1 and top-5 compare whole queries).
 
 Both sides are results of `scripts/evaluate_default_model.py` (its CSV and the
--stability.csv beside it):
+-stability.csv beside it; the second slide's -section-stability.csv, when both have one, is
+reported after the verdict, not judged):
 
     python scripts/judge_default_model.py CANDIDATE.csv [--shipped docs/default-model-eval.csv]
 
@@ -85,20 +86,44 @@ def stability_path(main_csv: Path) -> Path:
     return main_csv.with_name(main_csv.stem + "-stability.csv")
 
 
+def section_path(main_csv: Path) -> Path:
+    """Where the second labelled slide's main table goes, beside the sample slide's CSV."""
+    return main_csv.with_name(main_csv.stem + "-section" + main_csv.suffix)
+
+
 def compare(a: float, b: float) -> int:
     """1, 0 or -1 as ``a`` beats, ties or trails ``b`` at the files' precision."""
     a, b = round(a, DECIMALS), round(b, DECIMALS)
     return (a > b) - (a < b)
 
 
-def settings_won(stability: dict, probe: str) -> tuple[int, int]:
-    """How many stability settings the trained model's ``probe`` beats the histogram's in."""
+def settings_won(stability: dict, probe: str, other: dict | None = None,
+                 against: str = HISTOGRAM) -> tuple[int, int]:
+    """How many stability settings the trained model's ``probe`` beats ``against``'s in (in
+    ``other``, another result's table, when given: e.g. the shipped model's own row)."""
+    other = stability if other is None else other
     keys = [k[2:] for k in stability if k[0] == TRAINED and k[1] == probe]
     if not keys:
         raise NotAResult(f"stability table has no {probe} rows for {TRAINED!r}")
-    won = sum(compare(stability[(TRAINED, probe, *k)], stability[(HISTOGRAM, probe, *k)]) > 0
+    won = sum(compare(stability[(TRAINED, probe, *k)], other[(against, probe, *k)]) > 0
               for k in keys)
     return won, len(keys)
+
+
+def second_slide_lines(candidate_csv: Path, shipped_csv: Path) -> list[str]:
+    """The second labelled slide's probes, reported beside the bar (not judged), when both
+    results have its stability table."""
+    paths = [stability_path(section_path(p)) for p in (candidate_csv, shipped_csv)]
+    if not all(p.is_file() for p in paths):
+        return []
+    cand, ship = (read_stability(p) for p in paths)
+    lines = ["", "second slide, the frozen section (reported, not judged):"]
+    for probe in ("linear", "kNN"):
+        hist, n = settings_won(cand, probe)
+        shipped, _ = settings_won(cand, probe, ship, TRAINED)
+        lines.append(f"  {probe}: ahead of the histogram in {hist} of {n} settings, of the "
+                     f"shipped model in {shipped} of {n}")
+    return lines
 
 
 def shown(value: float, metric: str, n_eval: int) -> str:
@@ -144,7 +169,7 @@ def judge(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, bool, list[str]
         f"retrieval under augmentation above both baselines: {'yes' if retrieval else 'no'}",
         f"issue's bar met: {'yes' if bar else 'no'}",
     ]
-    return replace, bar, lines
+    return replace, bar, lines + second_slide_lines(candidate_csv, shipped_csv)
 
 
 def main(argv: list[str] | None = None) -> int:

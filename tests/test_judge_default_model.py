@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import re
 import shutil
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +21,7 @@ SHIPPED = REPO / "docs/default-model-eval.csv"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -118,3 +120,36 @@ def test_the_card_s_stability_table_and_its_csv_come_from_one_run():
     assert table in markdown
     assert len(rows) == 12
     assert all(len(cells) == len(eval_script.PARTITIONS) for cells in rows.values())
+
+
+def test_the_second_slide_s_tables_come_from_the_same_run_and_its_documented_labels():
+    """The frozen section's tables (docs/default-model-eval.md, reported beside the card's
+    bar) match their CSVs, and its tiles are the ones data/labels/README.md counts."""
+    section_csv = judge_script.section_path(SHIPPED)
+    with section_csv.open(newline="", encoding="utf-8") as f:
+        main = list(csv.DictReader(f))
+    rows = {}
+    with judge_script.stability_path(section_csv).open(newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            key = (r["encoder"], int(r["stride"]), int(r["tiles"]), r["probe"])
+            rows.setdefault(key, []).append(float(r["balanced_accuracy"]))
+    markdown = (REPO / "docs/default-model-eval.md").read_text(encoding="utf-8")
+    section = markdown[markdown.index("## A second slide"):]
+    assert eval_script.stability_markdown(
+        [{"encoder": e, "stride": s, "tiles": t, "probe": p, "cells": cells}
+         for (e, s, t, p), cells in rows.items()]) in section
+    linear = next(r for r in main if r["encoder"] == judge_script.TRAINED
+                  and r["protocol"] == "linear")
+    assert f"| {float(linear['balanced_accuracy']):.3f} " in section
+    assert {(s, t) for _, s, t, _ in rows} == {(56, 322), (28, 1267)}
+    # the judge reports it after its verdict: the shipped model against itself wins nothing
+    *_, lines = judge_script.judge(SHIPPED, SHIPPED)
+    assert "second slide, the frozen section (reported, not judged):" in lines
+    assert any(line.endswith("of the shipped model in 0 of 8") for line in lines)
+    tiles = eval_script.SECTION_SET.tiles(56)
+    counts = {name: int((tiles.labels == i).sum()) for i, name in enumerate(tiles.class_names)}
+    assert counts == {"infiltrate": 81, "stroma": 97, "tumour": 144}
+    readme = (REPO / "data/labels/README.md").read_text(encoding="utf-8")
+    for name, regions, n_112, n_56 in (("tumour", 5, 33, 144), ("infiltrate", 3, 19, 81),
+                                       ("stroma", 5, 26, 97)):
+        assert re.search(rf"\| `{name}` \| {regions} \|.*\| {n_112} / {n_56} \|", readme)
