@@ -169,8 +169,8 @@ def main() -> None:
             stability = stability_rows(models, labelled, tiles)
             report.write_csv(main_csv)
             write_stability_csv(stability, stability_path(main_csv))
-            sections.append((labelled, report, stability))
-    (sample, report, stability), (_, section_report, section_stability) = sections
+            sections.append((report, stability))
+    (report, stability), (section_report, section_stability) = sections
     report.write_markdown(args.out)
     with args.out.open("a", encoding="utf-8") as out:
         out.write("\n## Stability: balanced accuracy under other partitions and tilings\n\n"
@@ -179,7 +179,7 @@ def main() -> None:
                   "Reported beside the card's bar, not part of it (data/labels/README.md).\n\n"
                   + section_report.to_markdown().replace("# Encoder evaluation\n\n", "", 1)
                   + "\n### Stability\n\n" + stability_markdown(section_stability))
-    for _, rep, stab in sections:
+    for rep, stab in sections:
         print(rep.to_markdown())
         print(stability_markdown(stab))
 
