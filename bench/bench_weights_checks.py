@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench_embed import machine_info  # noqa: E402  (the bench folder is not a package)
 
 
-def _median_s(fn, repeats: int) -> float:
+def median_s(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -69,11 +69,11 @@ def main() -> None:
         for name, model, path in (("ViT-L/14 (gpfm)", "gpfm", vitl),
                                   ("embedded default", "default", default)):
             load_encoder(model, weights=path)  # warm: page cache, imports
-            total = _median_s(lambda m=model, p=path: load_encoder(m, weights=p), args.repeats)
-            identity = _median_s(lambda p=path: weights_sha256(p), args.repeats)
-            digest = _median_s(lambda p=path: data_sha256(p), args.repeats)
+            total = median_s(lambda m=model, p=path: load_encoder(m, weights=p), args.repeats)
+            identity = median_s(lambda p=path: weights_sha256(p), args.repeats)
+            digest = median_s(lambda p=path: data_sha256(p), args.repeats)
             tensors = load_file(str(path))
-            scan = _median_s(lambda s=tensors: non_finite_tensors(s), args.repeats)
+            scan = median_s(lambda s=tensors: non_finite_tensors(s), args.repeats)
             del tensors
             size = path.stat().st_size / 2**20
             print(f"| {name} | {size:.0f} MiB | {total:.2f} | {identity:.3f} | {digest:.3f} | "
