@@ -23,7 +23,8 @@ colour alone does not separate: 112 px tiles at 1 um/px (the same 112 um field o
 The main table goes to --out (Markdown) and --csv, the stability table to --out and to
 OUT-stability.csv beside --csv; the second slide's to --out and to OUT-section.csv and
 OUT-section-stability.csv. `scripts/judge_default_model.py` compares two such results by the
-card's rule (which is the sample slide's; the second slide is reported, not judged).
+card's rule (the issue's bar is the sample slide's; the rule's third way also reads the
+second slide).
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def main() -> None:
         out.write("\n## Stability: balanced accuracy under other partitions and tilings\n\n"
                   + stability_markdown(stability))
         out.write(f"\n## A second slide: {SECTION_SET.title}\n\n"
-                  "Reported beside the card's bar, not part of it (data/labels/README.md).\n\n"
+                  "Not part of the issue's bar, which names the sample slide; the card's rule "
+                  "reads it for its third way (data/labels/README.md).\n\n"
                   + section_report.to_markdown().replace("# Encoder evaluation\n\n", "", 1)
                   + "\n### Stability\n\n" + stability_markdown(section_stability))
     for rep, stab in sections:

@@ -1,16 +1,26 @@
 """Judge a candidate default model against the shipped one by the card's rule.
 
 The card (docs/default-model.md, "How the shipped weights were chosen") replaces the default
-only with weights that beat it on all five columns of the main table (kNN and linear-probe
-balanced accuracy, retrieval under augmentation top-1 / top-5 / MRR; a tie is not a win), and
-counts the issue's bar as met only when, in addition, the candidate's linear probe beats the
-colour histogram's on the main partition and in >= 6 of the 8 stability settings, its kNN in
->= 7 of 8, and its retrieval under augmentation beats both baselines. Written down so that
-every candidate is judged the same way, ties included (top-1 and top-5 compare whole queries).
+only with weights that pass one of three ways (the main table's five columns: kNN and
+linear-probe balanced accuracy, retrieval under augmentation top-1 / top-5 / MRR; a tie is not
+a win; top-1 and top-5 compare whole queries):
 
-Both sides are results of `scripts/evaluate_default_model.py` (its CSV and the
--stability.csv beside it; the second slide's -section-stability.csv, when both have one, is
-reported after the verdict, not judged):
+1. the issue's bar: the candidate's linear probe beats the colour histogram's on the main
+   partition and in >= 6 of the 8 stability settings, its kNN in >= 7 of 8, its retrieval
+   under augmentation beats both baselines; and no column is below the shipped model's 95%
+   interval;
+2. it beats the shipped model on all five columns;
+3. it beats the shipped model on >= 4 of the 5 columns, the others at most one query lower
+   (top-k: one query; MRR: 1 / tiles; kNN and linear: not lower at all), none below the
+   shipped model's 95% interval, and on the second labelled slide its linear probe and kNN
+   both beat the shipped model's on the main partition and in >= 6 of 8 settings.
+
+The issue's bar (1 without the interval clause) is reported on its own: it is what resolves
+the issue. Written down so that every candidate is judged the same way.
+
+Both sides are results of `scripts/evaluate_default_model.py` (its CSV and the -stability.csv
+beside it; for way 3 also the second slide's -section.csv and -section-stability.csv; the
+shipped side's 95% intervals come from its --bootstrap, and without them ways 1 and 3 fail):
 
     python scripts/judge_default_model.py CANDIDATE.csv [--shipped docs/default-model-eval.csv]
 
@@ -110,20 +120,37 @@ def settings_won(stability: dict, probe: str, other: dict | None = None,
     return won, len(keys)
 
 
-def second_slide_lines(candidate_csv: Path, shipped_csv: Path) -> list[str]:
-    """The second labelled slide's probes, reported beside the bar (not judged), when both
-    results have its stability table."""
-    paths = [stability_path(section_path(p)) for p in (candidate_csv, shipped_csv)]
-    if not all(p.is_file() for p in paths):
-        return []
-    cand, ship = (read_stability(p) for p in paths)
-    lines = ["", "second slide, the frozen section (reported, not judged):"]
-    for probe in ("linear", "kNN"):
+def second_slide(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, list[str]]:
+    """(do the candidate's linear probe and kNN both beat the shipped model's on the second
+    labelled slide, on its main partition and in >= 6 of 8 settings?, report lines)."""
+    paths = [section_path(p) for p in (candidate_csv, shipped_csv)]
+    missing = [str(q) for p in paths for q in (p, stability_path(p)) if not q.is_file()]
+    if missing:
+        return False, ["", f"second slide, the frozen section: no result ({', '.join(missing)})"]
+    (cand_main, ship_main), (cand, ship) = ([read_main(p) for p in paths],
+                                            [read_stability(stability_path(p)) for p in paths])
+    lines = ["", "second slide, the frozen section:"]
+    beats = True
+    for probe, protocol in (("linear", "linear"), ("kNN", "knn")):
+        key = (TRAINED, protocol, "balanced_accuracy")
+        main = compare(cand_main[key][0], ship_main[key][0]) > 0
         hist, n = settings_won(cand, probe)
         shipped, _ = settings_won(cand, probe, ship, TRAINED)
-        lines.append(f"  {probe}: ahead of the histogram in {hist} of {n} settings, of the "
-                     f"shipped model in {shipped} of {n}")
-    return lines
+        beats = beats and main and shipped >= 6
+        lines.append(f"  {probe}: ahead of the histogram in {hist} of {n} settings; of the "
+                     f"shipped model on the main partition {'yes' if main else 'no'} and in "
+                     f"{shipped} of {n} settings (way 3 needs 6)")
+    return beats, lines
+
+
+def within_one_query(metric: str, cand: tuple, ship: tuple) -> bool:
+    """Way 3's allowance for a column it does not win: one query of top-k, one query's whole
+    reciprocal rank of MRR, nothing of the probes' balanced accuracy."""
+    if metric in ("top1", "top5"):
+        return round(cand[0] * cand[2]) >= round(ship[0] * ship[2]) - 1
+    if metric == "mrr":
+        return compare(cand[0], ship[0] - 1 / ship[2]) >= 0
+    return compare(cand[0], ship[0]) >= 0
 
 
 def shown(value: float, metric: str, n_eval: int) -> str:
@@ -133,12 +160,12 @@ def shown(value: float, metric: str, n_eval: int) -> str:
 
 
 def judge(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, bool, list[str]]:
-    """(replace the default?, issue's bar met?, report lines)."""
+    """(replace the default by one of the three ways?, issue's bar met?, report lines)."""
     cand, ship = read_main(candidate_csv), read_main(shipped_csv)
     stability = read_stability(stability_path(candidate_csv))
     lines = [f"candidate: {candidate_csv}", f"shipped:   {shipped_csv}", "",
              f"{'column':<11} {'candidate':<18} {'shipped':<18} verdict"]
-    verdicts = []
+    verdicts, allowed, above_interval = [], [], []
     for label, protocol, metric in COLUMNS:
         c, s = cand[(TRAINED, protocol, metric)], ship[(TRAINED, protocol, metric)]
         # whole queries for top-k: 0.233 and 0.2331 are both 38 of 163
@@ -146,15 +173,13 @@ def judge(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, bool, list[str]
                   else (c[0], s[0]))
         verdict = compare(cv, sv)
         verdicts.append(verdict)
+        allowed.append(verdict > 0 or within_one_query(metric, c, s))
+        above_interval.append(s[1] is not None and compare(c[0], s[1]) >= 0)
         word = {1: "higher", 0: "tie", -1: "lower"}[verdict]
         if s[1] is not None and compare(c[0], s[1]) < 0:
             word += " (below the shipped 95% interval)"
         lines.append(f"{label:<11} {shown(c[0], metric, c[2]):<18} "
                      f"{shown(s[0], metric, s[2]):<18} {word}")
-    replace = all(v > 0 for v in verdicts)
-    lines += ["", "replace the default (beats it on all five columns, ties do not count): "
-              + ("yes" if replace else "no")]
-
     linear_main = compare(cand[(TRAINED, "linear", "balanced_accuracy")][0],
                           cand[(HISTOGRAM, "linear", "balanced_accuracy")][0]) > 0
     linear_won, n_settings = settings_won(stability, "linear")
@@ -163,13 +188,33 @@ def judge(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, bool, list[str]
                     for _, p, m in RETRIEVAL for base in (RANDOM, HISTOGRAM))
     bar = linear_main and linear_won >= 6 and knn_won >= 7 and retrieval
     lines += [
+        "",
         f"linear probe ahead of the histogram: main partition {'yes' if linear_main else 'no'}, "
         f"{linear_won} of {n_settings} settings (needs 6)",
         f"kNN ahead of the histogram: {knn_won} of {n_settings} settings (needs 7)",
         f"retrieval under augmentation above both baselines: {'yes' if retrieval else 'no'}",
         f"issue's bar met: {'yes' if bar else 'no'}",
     ]
-    return replace, bar, lines + second_slide_lines(candidate_csv, shipped_csv)
+    second, second_lines = second_slide(candidate_csv, shipped_csv)
+    intervals = all(above_interval)
+    ways = (
+        bar and intervals,
+        all(v > 0 for v in verdicts),
+        sum(v > 0 for v in verdicts) >= 4 and all(allowed) and intervals and second,
+    )
+    yes = {True: "yes", False: "no"}
+    lines += second_lines + [
+        "",
+        "no column below the shipped 95% interval: " + (
+            yes[intervals] if ship[(TRAINED, "knn", "balanced_accuracy")][1] is not None
+            else "no (the shipped file has no intervals: evaluate it with --bootstrap)"),
+        f"way 1, the issue's bar and no column below that interval: {yes[ways[0]]}",
+        f"way 2, beats it on all five columns (ties do not count): {yes[ways[1]]}",
+        f"way 3, >= 4 columns, the rest within one query, none below the interval, and the "
+        f"second slide: {yes[ways[2]]}",
+        "replace the default: " + yes[any(ways)],
+    ]
+    return any(ways), bar, lines
 
 
 def main(argv: list[str] | None = None) -> int:

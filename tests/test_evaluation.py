@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -22,7 +23,7 @@ from sklearn.metrics import (
 from napari_gpfm.analysis.geojson import read_geojson, shapes_to_geojson, write_geojson
 from napari_gpfm.analysis.geometry import points_in_polygon
 from napari_gpfm.errors import ParameterError
-from napari_gpfm.evaluation.augment import augment_tiles
+from napari_gpfm.evaluation.augment import AugmentParams, augment_tiles
 from napari_gpfm.evaluation.features import ColourHistogram, parse_model
 from napari_gpfm.evaluation.metrics import (
     Estimate,
@@ -295,6 +296,26 @@ def test_augment_tiles_are_seeded_and_change_the_tile_mildly():
     assert np.abs(first[0].mean((0, 1)) - tiles[0].mean((0, 1))).max() < 25
     # the dark square is still there, somewhere, after flips and the small rotation
     assert (first[0].sum(-1) < 350).mean() > 0.03
+
+
+def test_augment_components_switch_off_and_keep_their_draws():
+    rng = np.random.default_rng(1)
+    tiles = rng.integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
+    colour_off = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
+    nothing = AugmentParams(dihedral=False, max_rotation_deg=0.0, min_crop=1.0,
+                            jpeg_quality=None, **colour_off)
+    np.testing.assert_array_equal(augment_tiles(tiles, seed=5, params=nothing), tiles)
+    # dihedral alone: exactly the turn and mirror the full augmentation draws first
+    only = augment_tiles(tiles, seed=5, params=dataclasses.replace(nothing, dihedral=True))
+    for i, tile in enumerate(tiles):
+        draws = np.random.default_rng([5, i])
+        turns, mirror = int(draws.integers(0, 4)), draws.random() < 0.5
+        expected = np.rot90(tile, k=turns)  # PIL's rotate(90) is counter-clockwise, as rot90
+        np.testing.assert_array_equal(only[i], expected[:, ::-1] if mirror else expected)
+    with pytest.raises(ParameterError, match="max_rotation_deg"):
+        AugmentParams(max_rotation_deg=-1)
+    with pytest.raises(ParameterError, match="jpeg_quality"):
+        AugmentParams(jpeg_quality=(90, 60))
 
 
 # ----------------------------------------------------------------------------- splits

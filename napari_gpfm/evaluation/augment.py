@@ -13,6 +13,11 @@ stainings, never enough to change what it shows:
 
 Tile ``i`` draws its parameters from ``numpy.random.default_rng([seed, i])``: the same seed
 gives the same queries for every encoder, whatever else runs.
+
+Each component can be switched off (``dihedral=False``; ``max_rotation_deg=0`` with
+``min_crop=1``; zero colour strengths; ``jpeg_quality=None``) to ask which change an encoder
+fails on. Every parameter is drawn whether or not its component applies, so a component
+kept on gets the very draws it has in the full augmentation.
 """
 
 from __future__ import annotations
@@ -30,20 +35,25 @@ from napari_gpfm.errors import ParameterError
 class AugmentParams:
     """Strength of each augmentation (module notes)."""
 
+    dihedral: bool = True
     max_rotation_deg: float = 10.0
     min_crop: float = 0.8
     brightness: float = 0.15
     contrast: float = 0.15
     saturation: float = 0.15
     hue: float = 0.03
-    jpeg_quality: tuple[int, int] = (60, 90)
+    jpeg_quality: tuple[int, int] | None = (60, 90)  # None: no recompression
 
     def __post_init__(self) -> None:
         if not 0 < self.min_crop <= 1:
             raise ParameterError(f"min_crop={self.min_crop} must be in (0, 1]")
-        lo, hi = self.jpeg_quality
-        if not 1 <= lo <= hi <= 100:
-            raise ParameterError(f"jpeg_quality={self.jpeg_quality} must be 1 <= low <= high <= 100")
+        if self.max_rotation_deg < 0:
+            raise ParameterError(f"max_rotation_deg={self.max_rotation_deg} must be 0 or more")
+        if self.jpeg_quality is not None:
+            lo, hi = self.jpeg_quality
+            if not 1 <= lo <= hi <= 100:
+                raise ParameterError(
+                    f"jpeg_quality={self.jpeg_quality} must be 1 <= low <= high <= 100, or None")
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
                 raise ParameterError(f"{name}={getattr(self, name)} must be in [0, 1)")
@@ -57,18 +67,22 @@ def _geometric(img, rng: np.random.Generator, params: AugmentParams, size: int):
     from PIL import Image
 
     turns = int(rng.integers(0, 4))
-    if turns:
-        img = img.rotate(90 * turns, expand=True)
-    if rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    mirror = rng.random() < 0.5
+    if params.dihedral:
+        if turns:
+            img = img.rotate(90 * turns, expand=True)
+        if mirror:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     angle = float(rng.uniform(-params.max_rotation_deg, params.max_rotation_deg))
-    img = img.rotate(angle, resample=Image.Resampling.BICUBIC, expand=False)
     theta = math.radians(abs(angle))
     inner = size / (math.cos(theta) + math.sin(theta))
     side = inner * float(rng.uniform(params.min_crop, 1.0))
     margin = (size - inner) / 2.0
     left = margin + float(rng.uniform(0.0, inner - side))
     top = margin + float(rng.uniform(0.0, inner - side))
+    if angle == 0 and side == size:
+        return img  # both off: resampling the whole tile onto itself would only blur it
+    img = img.rotate(angle, resample=Image.Resampling.BICUBIC, expand=False)
     return img.resize((size, size), Image.Resampling.BICUBIC,
                       box=(left, top, left + side, top + side))
 
@@ -76,14 +90,18 @@ def _geometric(img, rng: np.random.Generator, params: AugmentParams, size: int):
 def _colour(img, rng: np.random.Generator, params: AugmentParams):
     from PIL import Image
 
-    x = np.asarray(img, dtype=np.float32)
-    x = x * float(rng.uniform(1 - params.brightness, 1 + params.brightness))
-    gray_mean = float((x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).mean())
-    x = (x - gray_mean) * float(rng.uniform(1 - params.contrast, 1 + params.contrast)) + gray_mean
-    gray = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
-    x = (x - gray) * float(rng.uniform(1 - params.saturation, 1 + params.saturation)) + gray
-    out = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+    factors = [float(rng.uniform(1 - v, 1 + v))
+               for v in (params.brightness, params.contrast, params.saturation)]
     shift = float(rng.uniform(-params.hue, params.hue))
+    if factors == [1.0, 1.0, 1.0] and not shift:
+        return img
+    x = np.asarray(img, dtype=np.float32)
+    x = x * factors[0]
+    gray_mean = float((x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).mean())
+    x = (x - gray_mean) * factors[1] + gray_mean
+    gray = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    x = (x - gray) * factors[2] + gray
+    out = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
     if shift:
         hsv = np.asarray(out.convert("HSV")).copy()
         hsv[..., 0] = ((hsv[..., 0].astype(np.int64) + int(round(shift * 256))) % 256).astype(
@@ -96,6 +114,8 @@ def _colour(img, rng: np.random.Generator, params: AugmentParams):
 def _jpeg(img, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
     from PIL import Image
 
+    if params.jpeg_quality is None:
+        return np.asarray(img.convert("RGB"))
     lo, hi = params.jpeg_quality
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=int(rng.integers(lo, hi + 1)))
