@@ -25,16 +25,18 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-COLOUR_OFF = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
-GEOMETRY_OFF = {"dihedral": False, "max_rotation_deg": 0.0, "min_crop": 1.0}
-# condition -> AugmentParams overrides; "all" is the card's augmentation.
-CONDITIONS = {
-    "all": {},
-    "dihedral only": {**COLOUR_OFF, "max_rotation_deg": 0.0, "min_crop": 1.0,
-                      "jpeg_quality": None},
-    "rotation + crop only": {**COLOUR_OFF, "dihedral": False, "jpeg_quality": None},
-    "colour only": {**GEOMETRY_OFF, "jpeg_quality": None},
-    "JPEG only": {**GEOMETRY_OFF, **COLOUR_OFF},
+# What switches each of the four changes off (AugmentParams overrides).
+SWITCHED_OFF = {
+    "dihedral": {"dihedral": False},
+    "rotation + crop": {"max_rotation_deg": 0.0, "min_crop": 1.0},
+    "colour": {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0},
+    "JPEG": {"jpeg_quality": None},
+}
+# condition -> overrides: "all" is the card's augmentation, "X only" every other change off.
+CONDITIONS = {"all": {}} | {
+    f"{kept} only": {k: v for change, off in SWITCHED_OFF.items() if change != kept
+                     for k, v in off.items()}
+    for kept in SWITCHED_OFF
 }
 
 
@@ -89,7 +91,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    tiles = sample_set().tiles(112)
+    sample = sample_set()
+    tiles = sample.tiles(sample.strides[0])  # the card's main table's tiles
     tissue = tiles.labels != tiles.class_names.index("background")
     base = AugmentParams()
     augmented = {c: augment_tiles(tiles.images, args.seed, dataclasses.replace(base, **o))

@@ -14,6 +14,7 @@ so batches keep their size and the substitution is the same in every worker; ``"
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -195,8 +196,6 @@ class SlideTileDataset:
     def _without_excluded(self, grid: Any) -> Any:
         if not self._exclude or len(grid) == 0:
             return grid
-        import dataclasses
-
         from napari_gpfm.analysis.geometry import boxes_touching_polygon
 
         margin = self._exclude_margin_um / grid.slide_mpp
