@@ -152,6 +152,12 @@ class RunConfig:
                 f"data.crops.global_crops_size ({crops.global_crops_size}) must equal "
                 f"model.backbone.img_size ({self.model.backbone.img_size})"
             )
+        clean = [e.name for e in self.model.experts if e.clean_input]
+        if clean and not crops.clean_global_crops:
+            raise ConfigError(
+                f"model.experts {clean} read the clean global crops (clean_input: true); set "
+                "data.crops.clean_global_crops: true"
+            )
 
     @property
     def max_steps(self) -> int:

@@ -245,6 +245,7 @@ class ExpertSource:
     input_size: int | None = None
     input_mean: tuple[float, float, float] | None = None
     input_std: tuple[float, float, float] | None = None
+    clean_input: bool = False
 
     def __post_init__(self) -> None:
         if self.is_colour_histogram:
@@ -280,6 +281,7 @@ class ExpertSource:
             input_size=self.input_size,
             input_mean=mean,
             input_std=std,
+            clean_input=self.clean_input,
         )
 
 

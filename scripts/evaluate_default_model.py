@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import tempfile
 from pathlib import Path
 
@@ -187,4 +188,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from napari_gpfm.errors import GPFMError
+
+    try:
+        main()
+    except GPFMError as exc:  # a bad --weights or --regions file: say which, no traceback
+        sys.exit(f"error: {exc}")

@@ -12,6 +12,10 @@ Per image: two global crops and ``local_crops_number`` local crops.
   global crop 2 only (after its blur);
 * ``ToDtype(float32, scale=True)`` and ImageNet ``Normalize``.
 
+Optionally (off in the recipe, ``clean_global_crops``) each sample also carries its two global
+crops before colour, blur and solarisation (``"global_crops_clean"``: the same geometry, the
+tile's own colours), for an expert whose target should not follow the photometric jitter.
+
 The blur quirk. DINOv2 (and GPFM) configure the blur as ``GaussianBlur(p=1.0)`` for global crop 1,
 ``p=0.1`` for global crop 2 and ``p=0.5`` for local crops, but their ``GaussianBlur`` subclasses
 ``RandomApply`` and passes it ``p=1 - p``, and ``RandomApply`` *applies* with its ``p``. So the
@@ -73,6 +77,9 @@ class MultiCropConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_threshold: int = 128
     solarize_p: float = 0.2
+    # Not in GPFM's recipe: also return the global crops before any photometric change. They
+    # draw nothing from the generator, so every other crop stays the same with or without them.
+    clean_global_crops: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -192,6 +199,7 @@ class MultiCropAugmentation:
         self._global_geometry = geometry(cfg.global_crops_size, cfg.global_crops_scale)
         self._local_geometry = geometry(cfg.local_crops_size, cfg.local_crops_scale)
         to_tensor = v2.PILToTensor()
+        self._clean = v2.Compose([to_tensor, normalise])
         self._global1 = v2.Compose([colour, to_tensor, blur(p1), normalise])
         self._global2 = v2.Compose(
             [
@@ -234,13 +242,18 @@ class MultiCropAugmentation:
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(int(seed))
-            global_1 = self._global1(self._global_geometry(img))
-            global_2 = self._global2(self._global_geometry(img))
+            geometry_1 = self._global_geometry(img)
+            global_1 = self._global1(geometry_1)
+            geometry_2 = self._global_geometry(img)
+            global_2 = self._global2(geometry_2)
             local = [
                 self._local(self._local_geometry(img))
                 for _ in range(self.config.local_crops_number)
             ]
-        return {"global_crops": [global_1, global_2], "local_crops": local}
+        crops = {"global_crops": [global_1, global_2], "local_crops": local}
+        if self.config.clean_global_crops:
+            crops["global_crops_clean"] = [self._clean(geometry_1), self._clean(geometry_2)]
+        return crops
 
 
 class _RandomQuarterTurn:

@@ -8,6 +8,8 @@ The batch of ``B`` samples with ``n_g`` global crops of ``G`` px and ``n_l`` loc
      "n_masked_patches": int M, "upperbound": int}
 
 in crop-major order (all samples' crop 1, then all samples' crop 2, ...), ``N = (G / patch)^2``.
+Samples that carry ``"global_crops_clean"`` (``MultiCropConfig.clean_global_crops``) add
+``"global_crops_clean"``, stacked like ``global_crops``.
 Masks come from :func:`gpfm_train.masking.collate_masks` (note §2.3).
 """
 
@@ -66,7 +68,7 @@ class MaskConfig:
 def _stack_crops(samples: list[dict[str, Any]], key: str):
     import torch
 
-    counts = {len(s[key]) for s in samples}
+    counts = {len(s.get(key, ())) for s in samples}
     if len(counts) != 1:
         raise ParameterError(f"samples carry different numbers of {key}: {sorted(counts)}")
     n = counts.pop()
@@ -119,7 +121,17 @@ def collate_multicrop(
         generator=rng,
         mask_generator=generator,
     )
+    batch: dict[str, Any] = {}
+    if any("global_crops_clean" in s for s in samples):
+        clean, _ = _stack_crops(samples, "global_crops_clean")
+        if clean.shape != global_crops.shape:
+            raise ParameterError(
+                f"global_crops_clean {tuple(clean.shape)} do not match global_crops "
+                f"{tuple(global_crops.shape)}"
+            )
+        batch["global_crops_clean"] = clean
     return {
+        **batch,
         "global_crops": global_crops,
         "local_crops": local_crops,
         "masks": masks["masks"],

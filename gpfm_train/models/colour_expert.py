@@ -7,7 +7,10 @@ slide (keratin and collagen share a texture scale and differ mostly in eosin sha
 answer to "self-distillation misses something" is expert distillation; this expert supplies the
 missing thing at no cost: the student's CLS, through its own expert head, must predict the colour
 distribution of the crop it sees (``1 - cos``, like any CLS expert), while DINO/iBOT keep
-pulling towards colour-robust structure.
+pulling towards colour-robust structure. With ``clean_input: true`` (and
+``data.crops.clean_global_crops: true``) the target is the histogram of the same crop before
+colour jitter, grayscale, blur and solarisation: the tile's own colour, which every view of the
+tile shares, so the expert no longer asks the CLS to follow the jitter DINO teaches it to ignore.
 
 The feature is exactly ``napari_gpfm``'s evaluation baseline ``baseline:colour-histogram``
 (:class:`napari_gpfm.evaluation.features.ColourHistogram`): ``bins`` bins per channel over 8-bit

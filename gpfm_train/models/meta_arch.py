@@ -39,7 +39,9 @@ call covers [local CLS, global CLS, masked patch tokens]. Losses:
 with ``T = n_g(n_g-1) + max(n_g n_l, 1)`` (18 for 2+8 crops), ``koleo = 0.1 * sum_c KoLeo(student
 backbone CLS of crop c)``, ``ibot = iBOT(masked tokens) * 2 / n_g``. Each expert sees the *unmasked*
 global crops (the recipe feeds the same ImageNet-normalised 224 px crops to every expert, CONCH
-included; :class:`ExpertConfig` can resize / re-normalise per expert); its CLS target is matched by
+included; :class:`ExpertConfig` can resize / re-normalise per expert, or with ``clean_input`` feed
+the batch's ``global_crops_clean``, the same crops before the photometric jitter); its CLS target
+is matched by
 ``expert_head(student global CLS)`` with ``1 - cos`` and, when ``patch_weight`` is set, its patch
 grid (bicubically resized to the student grid) by ``expert_head(student patch tokens)`` of all
 positions with ``0.9 (1 - cos) + 0.1 SmoothL1``.
@@ -95,6 +97,10 @@ class ExpertConfig:
             ``None`` = feed them as they are (the recipe).
         input_mean, input_std: re-normalise the crops from ``DistillConfig.image_mean/std`` to
             these statistics; ``None`` = keep the ImageNet normalisation (the recipe).
+        clean_input: feed the expert the global crops before colour, blur and solarisation
+            (the batch's ``global_crops_clean``), so its target is the tile's own appearance
+            while the student sees the jittered crop; ``False`` = the crops the student sees
+            (the recipe).
     """
 
     name: str
@@ -104,6 +110,7 @@ class ExpertConfig:
     input_size: int | None = None
     input_mean: tuple[float, float, float] | None = None
     input_std: tuple[float, float, float] | None = None
+    clean_input: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or "." in self.name or "/" in self.name:
@@ -543,7 +550,16 @@ class GPFMDistiller(nn.Module):
         losses["ibot"] = cfg.ibot_loss_weight * ibot * 2 / cfg.n_global
 
         for ecfg in cfg.experts:
-            target = self._run_expert(ecfg, global_crops)
+            expert_crops = global_crops
+            if ecfg.clean_input:
+                expert_crops = batch.get("global_crops_clean")
+                if expert_crops is None or expert_crops.shape != global_crops.shape:
+                    raise ConfigError(
+                        f"expert {ecfg.name!r} reads the clean global crops (clean_input) but "
+                        "the batch has none that match its global crops; set "
+                        "data.crops.clean_global_crops: true"
+                    )
+            target = self._run_expert(ecfg, expert_crops)
             head = self.student["expert_heads"][ecfg.name]
             cls_pred = head(global_cls)
             cls_target = target["cls"].reshape(n_images, -1)

@@ -123,3 +123,94 @@ def test_either_spelling_names_the_colour_expert():
     assert isinstance(module.distiller.experts["colour"], ColourHistogramExpert)
     with pytest.raises(ConfigError, match="no weights"):
         _small_config(encoder="baseline:color-histogram", weights="x.safetensors")
+
+
+# ------------------------------------------------------------------ the clean-crop target
+def _augment(tiles, **changes):
+    from gpfm_train.data.augment import MultiCropAugmentation, MultiCropConfig
+
+    config = MultiCropConfig(
+        global_crops_size=56, local_crops_size=28, local_crops_number=2, **changes
+    )
+    return [MultiCropAugmentation(config)(tile, seed=7 + i) for i, tile in enumerate(tiles)]
+
+
+def test_clean_global_crops_keep_the_geometry_and_drop_only_the_photometric_changes(
+    sample_slide_path,
+):
+    tiles = _sample_tiles(sample_slide_path)
+    plain = _augment(tiles, color_jitter_p=1.0)
+    clean = _augment(tiles, color_jitter_p=1.0, clean_global_crops=True)
+    # Asking for the clean crops draws nothing: every other crop is the one the recipe makes.
+    for a, b in zip(plain, clean, strict=True):
+        assert "global_crops_clean" not in a
+        for key in ("global_crops", "local_crops"):
+            for x, y in zip(a[key], b[key], strict=True):
+                assert torch.equal(x, y)
+    # The first global crop is drawn first, so a run without any photometric change gives its
+    # clean crop exactly; the jittered crop differs from it.
+    bare = _augment(
+        tiles, color_jitter_p=0.0, grayscale_p=0.0, blur_p=(1.0, 1.0, 1.0), solarize_p=0.0
+    )
+    for sample, reference in zip(clean, bare, strict=True):
+        assert torch.equal(sample["global_crops_clean"][0], reference["global_crops"][0])
+        assert not torch.equal(sample["global_crops_clean"][0], sample["global_crops"][0])
+        assert sample["global_crops_clean"][1].shape == sample["global_crops"][1].shape
+
+
+def _clean_batch(tiles):
+    from gpfm_train.data.collate import MaskConfig, collate_multicrop
+
+    samples = _augment(tiles, color_jitter_p=1.0, clean_global_crops=True)
+    return collate_multicrop(samples, MaskConfig(), np.random.default_rng(0))
+
+
+def test_an_expert_with_clean_input_reads_the_clean_crops(sample_slide_path):
+    tiles = _sample_tiles(sample_slide_path)
+    batch = _clean_batch(tiles)
+    assert batch["global_crops_clean"].shape == batch["global_crops"].shape
+    torch.manual_seed(0)
+    distiller = GPFMPretrainModule(_small_config(clean_input=True)).distiller.eval()  # no drop path
+    (ecfg,) = distiller.cfg.experts
+    assert ecfg.clean_input
+
+    def expert_loss(clean_crops):
+        with torch.no_grad():
+            losses = distiller({**batch, "global_crops_clean": clean_crops}, teacher_temp=0.04)
+        return float(losses["expert/colour/cls"])
+
+    clean = expert_loss(batch["global_crops_clean"])
+    # A mirrored clean crop has the same histogram; the jittered crops have another.
+    assert expert_loss(batch["global_crops_clean"].flip(-1)) == pytest.approx(clean, rel=1e-5)
+    assert abs(expert_loss(batch["global_crops"]) - clean) > 1e-4
+    # Without clean_input the same expert reads the jittered crops the student sees.
+    plain = GPFMPretrainModule(_small_config()).distiller.eval()
+    plain.load_state_dict(distiller.state_dict())
+    with torch.no_grad():
+        jittered = float(plain(batch, teacher_temp=0.04)["expert/colour/cls"])
+    assert jittered == pytest.approx(expert_loss(batch["global_crops"]), rel=1e-5)
+
+    missing = {k: v for k, v in batch.items() if k != "global_crops_clean"}
+    with pytest.raises(ConfigError, match="data.crops.clean_global_crops: true"):
+        distiller(missing, teacher_temp=0.04)
+
+
+def test_clean_input_without_clean_crops_is_refused_before_training(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"model.experts": [{**COLOUR, "clean_input": True}]})
+    with pytest.raises(ConfigError, match="clean_global_crops") as err:
+        load_run_config("tiny_cpu.yaml", overrides)
+    assert "colour" in str(err.value)
+    run = load_run_config(
+        "tiny_cpu.yaml",
+        tiny_overrides(
+            tmp_path,
+            **{
+                "model.experts": [{**COLOUR, "clean_input": True}],
+                "data.crops.clean_global_crops": True,
+                "trainer.max_steps": 2,
+                "model.schedule.warmup_epochs": 0,
+            },
+        ),
+    )
+    done = fit(run)
+    assert 0.0 < float(done.trainer.logged_metrics["loss/expert/colour/cls"]) < 2.0
