@@ -3,12 +3,14 @@
 Real tiles of the sample slide at its 0.5 um/px (512 px for the GPFM recipe, whose tiles are
 512 px: 2 x 224 px + 8 x 98 px crops; 224 px for the default model's stages: 2 x 112 + 2 x 56
 px crops; the cost depends on pixels, not on their size in um) go through
-``MultiCropAugmentation`` with three colour settings, alternated in each repeat so that the
+``MultiCropAugmentation`` with four colour settings, alternated in each repeat so that the
 machine's load falls on all of them alike:
 
 * ``jitter``: the configured colour jitter and grayscale (the recipe's baseline);
 * ``stain``: the stain jitter instead (``stain_jitter=(0.05, 0.05)``, p 0.8), no colour jitter;
-* ``none``: no colour augmentation (what geometry, blur and normalisation cost alone).
+* ``none``: no colour augmentation (what geometry, blur and normalisation cost alone);
+* ``jitter + clean``: the baseline plus the global crops before the photometric changes
+  (``clean_global_crops``, for an expert with ``clean_input``).
 
 The table gives the best repeat's ms per sample and its ratio to ``jitter``::
 
@@ -34,6 +36,7 @@ SETTINGS = {
     "stain": {"color_jitter_p": 0.0, "grayscale_p": 0.0, "stain_jitter": (0.05, 0.05),
               "stain_jitter_p": 0.8},
     "none": {"color_jitter_p": 0.0, "grayscale_p": 0.0},
+    "jitter + clean": {"clean_global_crops": True},
 }
 PIPELINES = {
     # name: (MultiCropConfig fields, tile px)

@@ -195,7 +195,7 @@ def test_an_expert_with_clean_input_reads_the_clean_crops(sample_slide_path):
         distiller(missing, teacher_temp=0.04)
 
 
-def test_clean_input_without_clean_crops_is_refused_before_training(tmp_path):
+def test_clean_input_needs_the_clean_crops_and_with_them_a_fit_runs(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"model.experts": [{**COLOUR, "clean_input": True}]})
     with pytest.raises(ConfigError, match="clean_global_crops") as err:
         load_run_config("tiny_cpu.yaml", overrides)
