@@ -123,13 +123,8 @@ def collate_multicrop(
     )
     batch: dict[str, Any] = {}
     if any("global_crops_clean" in s for s in samples):
-        clean, _ = _stack_crops(samples, "global_crops_clean")
-        if clean.shape != global_crops.shape:
-            raise ParameterError(
-                f"global_crops_clean {tuple(clean.shape)} do not match global_crops "
-                f"{tuple(global_crops.shape)}"
-            )
-        batch["global_crops_clean"] = clean
+        # Same geometry as global_crops; the distiller checks the shapes of any batch it gets.
+        batch["global_crops_clean"] = _stack_crops(samples, "global_crops_clean")[0]
     return {
         **batch,
         "global_crops": global_crops,
