@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ def encoder_description(ckpt: TrainingCheckpoint) -> Any:
         std=tuple(distill.get("image_std", (0.229, 0.224, 0.225))),
         interpolation="bicubic",
         native_mpp=float(tiling.get("mpp", 0.5)),
-        native_read_size=int(tiling.get("read_size", img_size)),
+        native_read_size=_native_field(tiling, dict(ckpt.data_config.get("crops") or {}), img_size),
         display_name=f"GPFM-style ViT ({backbone_cfg['arch']}, gpfm_train teacher)",
         notes=(
             f"EMA teacher of {ckpt.path.name} at step {ckpt.global_step}, exported by "
@@ -146,6 +147,18 @@ def encoder_description(ckpt: TrainingCheckpoint) -> Any:
         patch_size=int(patch),
         token_dim=embed_dim,
     )
+
+
+def _native_field(tiling: dict[str, Any], crops: dict[str, Any], img_size: int) -> int:
+    """Pixels (at the tiling's mpp) that the largest global view covered: the field to embed.
+
+    The recipe's largest global view is the whole tile (scale up to 1.0), so this is the
+    tile's read size. A run that reads a wider field and draws smaller views from it (views of
+    neighbouring tissue) saw tissue at the size of those views, not of the field.
+    """
+    read_size = int(tiling.get("read_size", img_size))
+    scale = crops.get("global_crops_scale") or (0.32, 1.0)
+    return max(1, round(read_size * math.sqrt(min(1.0, float(scale[1])))))
 
 
 def _model_card(ckpt: TrainingCheckpoint, description: Any, weights: Path, layout: str) -> str:

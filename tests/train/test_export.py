@@ -171,3 +171,19 @@ def test_a_diverged_teacher_is_not_exported(trained, tmp_path, capsys):
         assert len(err) == 1 and "diverged.ckpt (step 3) holds NaN or infinite values in 1 " \
             "tensor(s) (blocks.1.mlp.fc1.weight)" in err[0], err
         assert not (tmp_path / out).exists()
+
+
+def test_a_run_on_a_wider_field_exports_the_field_of_its_views(trained, tmp_path):
+    # A run that reads 4x the area and draws its views at a quarter of the scale saw tissue
+    # at the size of those views: embedding at the read size would show the encoder twice
+    # the field it learnt on.
+    import dataclasses
+
+    from gpfm_train.export import encoder_description, read_training_checkpoint
+
+    ckpt = read_training_checkpoint(trained[0])
+    assert encoder_description(ckpt).native_read_size == 112  # views up to the whole tile
+    wide = dict(ckpt.data_config, tiling={"mpp": 1.0, "read_size": 224},
+                crops=dict(ckpt.data_config["crops"], global_crops_scale=[0.08, 0.25]))
+    description = encoder_description(dataclasses.replace(ckpt, data_config=wide))
+    assert (description.native_mpp, description.native_read_size) == (1.0, 112)
