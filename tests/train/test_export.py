@@ -173,7 +173,7 @@ def test_a_diverged_teacher_is_not_exported(trained, tmp_path, capsys):
         assert not (tmp_path / out).exists()
 
 
-def test_a_run_on_a_wider_field_exports_the_field_of_its_views(trained, tmp_path):
+def test_a_run_on_a_wider_field_exports_the_field_of_its_views(trained):
     # A run that reads 4x the area and draws its views at a quarter of the scale saw tissue
     # at the size of those views: embedding at the read size would show the encoder twice
     # the field it learnt on.
