@@ -156,8 +156,10 @@ def _native_field(tiling: dict[str, Any], crops: dict[str, Any], img_size: int) 
     tile's read size. A run that reads a wider field and draws smaller views from it (views of
     neighbouring tissue) saw tissue at the size of those views, not of the field.
     """
+    from gpfm_train.data.augment import MultiCropConfig
+
     read_size = int(tiling.get("read_size", img_size))
-    scale = crops.get("global_crops_scale") or (0.32, 1.0)
+    scale = crops.get("global_crops_scale") or MultiCropConfig.global_crops_scale
     return max(1, round(read_size * math.sqrt(min(1.0, float(scale[1])))))
 
 
