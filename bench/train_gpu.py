@@ -1,4 +1,4 @@
-"""GPU check of GPFM pretraining: step time, peak memory and MFU of the ViT-L/14 recipe.
+"""GPU check of GPFM pretraining: step time, peak memory and MFU of a recipe (ViT-L/14 default).
 
 For a lent GPU (a few minutes on an H100). Runs the real Lightning training step of
 ``gpfm_vitl14.yaml`` (schedules, DINO + iBOT + KoLeo, expert distillation, per-group clipping,
@@ -17,6 +17,14 @@ counts the recomputed forward) / step time / the card's dense bf16/fp16 peak. Pr
     python bench/train_gpu.py --batch-size 64 --grad-checkpointing
     python bench/train_gpu.py --strategy fsdp --cases experts   # the FSDP code path
     python bench/train_gpu.py --smoke                          # tiny sizes on the CPU
+
+Any other config measures the same way (``--config``, ``--set KEY=VALUE``). For a small model
+the step is bound by the host, not the GPU: ``--profile N`` prints the N-step profile's costliest
+operators by self CPU time, and ``--loader-seconds S`` times the config's real training
+DataLoader alone (its sources, crops and workers) for S seconds, to set beside the step::
+
+    python bench/train_gpu.py --config default_model_stage3.yaml --cases none \
+        --precision 32-true --batch-size 8 --steps 50 --profile 20 --loader-seconds 30
 """
 
 from __future__ import annotations
@@ -136,6 +144,41 @@ def _count_flops(module, batch, device, precision: str) -> float:
     return float(counter.get_total_flops())
 
 
+def _start_profiler(device):
+    """A profiler recording every step from now on (CPU, and CUDA where the step runs there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    prof = profile(activities=activities)
+    prof.start()
+    return prof
+
+
+def _profile_table(prof, rows: int = 20) -> str:
+    """The profiled steps' costliest operators by self CPU time (the host's share of a step)."""
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows,
+                                     max_name_column_width=60)
+
+
+def loader_rate(args) -> tuple[float, int]:
+    """Samples/s of the config's real training DataLoader alone, over ``args.loader_seconds``."""
+    from gpfm_train.cli import load_run_config
+    from gpfm_train.datamodule import GPFMDataModule
+
+    run = load_run_config(args.config, [("data.batch_size", args.batch_size), *args.set])
+    module = GPFMDataModule(run.data)
+    module.setup("fit")
+    batches = iter(module.train_dataloader())
+    for _ in range(max(2, run.data.num_workers)):  # every worker started and warm
+        next(batches)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.loader_seconds:
+        n += len(next(batches)["global_crops"]) // 2
+    return n / (time.perf_counter() - start), run.data.num_workers
+
+
 def run_case(args, with_experts: bool, device) -> dict:
     import dataclasses
 
@@ -147,13 +190,13 @@ def run_case(args, with_experts: bool, device) -> dict:
     from gpfm_train.cli import build_trainer, load_run_config
     from gpfm_train.module import GPFMPretrainModule
 
-    run = load_run_config("gpfm_vitl14.yaml", _overrides(args))
+    run = load_run_config(args.config, [*_overrides(args), *args.set])
     if with_experts:
         experts, run = _experts(run, args.smoke, device)
     else:
         experts = {}
         run = dataclasses.replace(run, model=dataclasses.replace(run.model, experts=()))
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps + args.profile
     run = dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, max_steps=steps))
     crops, masks = run.data.crops, run.data.masks
     batch = synthetic_batch(args.batch_size, crops.global_crops_size, crops.local_crops_size,
@@ -166,6 +209,7 @@ def run_case(args, with_experts: bool, device) -> dict:
     class Timer(Callback):
         def __init__(self):
             self.times: list[float] = []
+            self.profiler = None
 
         def on_train_batch_start(self, trainer, pl_module, b, i):
             if device.type == "cuda":
@@ -176,6 +220,10 @@ def run_case(args, with_experts: bool, device) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
+            if self.profiler is not None:
+                self.profiler.step()
+            elif args.profile and len(self.times) == steps - args.profile:
+                self.profiler = _start_profiler(device)
 
     timer = Timer()
     if device.type == "cuda":
@@ -187,7 +235,11 @@ def run_case(args, with_experts: bool, device) -> dict:
         trainer = build_trainer(run, callbacks=[timer])
         loader = DataLoader([batch] * steps, batch_size=None, pin_memory=device.type == "cuda")
         trainer.fit(module, train_dataloaders=loader)
-    timed = timer.times[args.warmup:]
+    profile = None
+    if timer.profiler is not None:
+        timer.profiler.stop()
+        profile = _profile_table(timer.profiler)
+    timed = timer.times[args.warmup:args.warmup + args.steps]
     step_s = sorted(timed)[len(timed) // 2]
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -202,6 +254,7 @@ def run_case(args, with_experts: bool, device) -> dict:
         "mfu": flops / step_s / peak if peak else None,
         "peak_mem_gib": peak_mem,
         "loss": float(trainer.logged_metrics["loss/total"]),
+        "profile": profile,
     }
     del module, trainer, experts
     gc.collect()
@@ -210,7 +263,8 @@ def run_case(args, with_experts: bool, device) -> dict:
 
 def markdown(info: dict, rows: list[dict], args) -> str:
     lines = [
-        "### gpfm-train ViT-L/14 recipe step on one GPU" + (" (smoke, CPU)" if args.smoke else ""),
+        f"### gpfm-train recipe step on one GPU ({Path(args.config).name})"
+        + (" (smoke, CPU)" if args.smoke else ""),
         "",
         f"Device: {info.get('accelerator') or info['cpu']}; torch {info['torch']}. "
         f"Batch {args.batch_size} per device, {args.precision}, strategy {args.strategy}, "
@@ -243,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="fsdp: the recipe's FSDP SHARD_GRAD_OP wrapping, on one device")
     parser.add_argument("--cases", default="experts,none",
                         help="comma list of experts,none (default both)")
+    parser.add_argument("--config", default="gpfm_vitl14.yaml",
+                        help="run config to measure (gpfm_vitl14.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. model.distill.n_local=4")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N more steps after the timed ones; print the top operators")
+    parser.add_argument("--loader-seconds", type=float, default=0, metavar="S",
+                        help="also time the config's real training DataLoader alone for S s")
     parser.add_argument("--out", default=None, help="append the Markdown table to this file")
     args = parser.parse_args(argv)
     args.batch_size = args.batch_size or (2 if args.smoke else 96)
@@ -273,6 +335,16 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             print(markdown(info, rows[-1:], args), flush=True)
     text = markdown(info, rows, args)
+    for r in rows:  # in --out too: a lease's output tail keeps only the end of a long table
+        if r["profile"]:
+            experts = "no experts" if r["experts"] == "none" else f"experts {r['experts']}"
+            text += (f"\nProfile of {args.profile} steps ({experts}), the costliest operators "
+                     f"by self CPU time:\n\n```\n{r['profile']}\n```\n")
+    if args.loader_seconds:
+        rate, workers = loader_rate(args)
+        text += (f"\nThe config's real training DataLoader alone ({workers} workers, batch "
+                 f"{args.batch_size}): {rate:.0f} samples/s = {rate / args.batch_size:.1f} "
+                 f"batches/s over {args.loader_seconds:.0f} s.\n")
     print(text)
     if args.out:
         with open(args.out, "a", encoding="utf-8") as fh:

@@ -11,6 +11,7 @@
 # max_time stops it cleanly if the rate drops. The teacher is exported to OUT.
 #
 #   OUT=/tmp/g16 DEADLINE_S=560 bash scripts/train_default_model_gpu.sh        # on a GPU
+#   OUT=/tmp/g16 LENGTH=111 bash scripts/train_default_model_gpu.sh    # stage 16G as run: no probe
 #   OUT=/tmp/g16 ACCEL=cpu WORKERS=1 PROBE_STEPS=20 DEADLINE_S=200 \
 #       PY=.venv/bin/python bash scripts/train_default_model_gpu.sh              # a dry run
 set -uo pipefail
@@ -21,6 +22,7 @@ DEADLINE_S=${DEADLINE_S:-560}
 ACCEL=${ACCEL:-gpu}
 WORKERS=${WORKERS:-$(( $(nproc --all) > 3 ? $(nproc --all) - 2 : 1 ))}   # a core for the main process
 PROBE_STEPS=${PROBE_STEPS:-250}
+LENGTH=${LENGTH:-}   # epoch_length; set, it replaces the probe and the deadline
 SEED=${SEED:-0}
 PY=${PY:-python3}
 ROOT=${ROOT:-runs/default_model_stage16g_seed$SEED}
@@ -74,23 +76,28 @@ echo "cores $(nproc --all), workers $WORKERS"
 print('sample slide', s.dimensions, s.read_region_mpp((0, 0), 224, 0.5).shape)" \
     || { echo "the sample slide does not open: fix the packages first"; exit 2; }
 
-say "probe: $PROBE_STEPS steps of the recipe"
-rm -rf "$ROOT-probe"
-# (the backbone trains from the first step here: the run's frozen head warm-up steps are cheaper)
-fit 50 "$ROOT-probe" --set trainer.max_steps="$PROBE_STEPS" \
-    --set model.schedule.freeze_backbone_epochs=0 > "$OUT/probe.log" 2>&1 \
-    || { tail -c 3000 "$OUT/probe.log"; echo "the probe failed"; exit 3; }
-rate=$(rate_of "$OUT/probe.log")
-[ -n "$rate" ] || { echo "no step rate in the probe's log"; exit 3; }
-# Left for fitting: the deadline less the set-up (the probe's own, ~30 s), export and copies.
-left=$(( DEADLINE_S - $(elapsed) - 60 ))
-length=$("$PY" -c "print(max(1, int($rate * 0.9 * $left / 60)))")
-say "probe: $rate steps/s; $left s left: epoch_length $length (x$("$PY" -c "print(round($length / 50, 2))") the recipe's 50), $(( length * 60 )) iterations"
-if [ "$length" -lt 50 ]; then
-    echo "this machine is too slow to stretch the recipe: its own length, stopped by max_time"
-    length=50
+if [ -n "$LENGTH" ]; then
+    length=$LENGTH
+    max_time="00:23:59:00"
+else
+    say "probe: $PROBE_STEPS steps of the recipe"
+    rm -rf "$ROOT-probe"
+    # The backbone trains from the first step here: the run's head warm-up steps are cheaper.
+    fit 50 "$ROOT-probe" --set trainer.max_steps="$PROBE_STEPS" \
+        --set model.schedule.freeze_backbone_epochs=0 > "$OUT/probe.log" 2>&1 \
+        || { tail -c 3000 "$OUT/probe.log"; echo "the probe failed"; exit 3; }
+    rate=$(rate_of "$OUT/probe.log")
+    [ -n "$rate" ] || { echo "no step rate in the probe's log"; exit 3; }
+    # Left for fitting: the deadline less the set-up (the probe's own, ~30 s), export and copies.
+    left=$(( DEADLINE_S - $(elapsed) - 60 ))
+    length=$("$PY" -c "print(max(1, int($rate * 0.9 * $left / 60)))")
+    say "probe: $rate steps/s; $left s left: epoch_length $length (x$("$PY" -c "print(round($length / 50, 2))") the recipe's 50), $(( length * 60 )) iterations"
+    if [ "$length" -lt 50 ]; then
+        echo "this machine is too slow to stretch the recipe: its own length, stopped by max_time"
+        length=50
+    fi
+    max_time=$("$PY" -c "s = max(30, $left + 20); print(f'00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}')")
 fi
-max_time=$("$PY" -c "s = max(30, $left + 20); print(f'00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}')")
 
 say "stage 16G: $(( length * 60 )) iterations, max_time $max_time"
 rm -rf "$ROOT"
@@ -106,7 +113,9 @@ tail -n 2 "$OUT/metrics.csv" | cut -c1-400
 [ -f "$ROOT/checkpoints/last.ckpt" ] || { tail -c 3000 "$OUT/run.log"; exit 4; }
 "$PY" -m gpfm_train export "$ROOT/checkpoints/last.ckpt" --out "$OUT/teacher.safetensors"
 # the logs come back short: tqdm's carriage returns made lines
-for f in probe run; do tr '\r' '\n' < "$OUT/$f.log" | grep -v '^\s*$' | tail -n 60 > "$OUT/$f.tail"; done
+for f in probe run; do
+    [ -f "$OUT/$f.log" ] && tr '\r' '\n' < "$OUT/$f.log" | grep -v '^\s*$' | tail -n 60 > "$OUT/$f.tail"
+done
 rm -f "$OUT/probe.log" "$OUT/run.log"
 ls -la "$OUT"
 say "done"
