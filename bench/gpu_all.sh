@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything this project runs on a lent GPU, in one go (under 10 minutes on an H100/H200):
+# Everything this project runs on a lent GPU, in one go (about 10 minutes on an H100/H200;
+# STEPS picks some of them):
 #   1. the embedded default model's stage 16G (scripts/train_default_model_gpu.sh: the CPU
-#      recipe stretched to TRAIN_S seconds, 300 by default, teacher exported to $OUT/train), and
+#      recipe stretched to TRAIN_S seconds, 150 by default, teacher exported to $OUT/train), and
 #      that recipe's step alone on synthetic batches, profiled, beside its real DataLoader;
 #   2. bench/train_gpu.py: step time, memory and MFU of the ViT-L/14 recipe, with and without
 #      experts, DDP-style single device and the FSDP code path;
@@ -34,7 +35,7 @@ python3 -c "from napari_gpfm.slides import open_slide; open_slide('napari_gpfm/d
 
 if want train; then
 step "default model: stage 16G, the CPU recipe stretched to the lease (scripts/train_default_model_gpu.sh)"
-OUT="$OUT/train" DEADLINE_S=${TRAIN_S:-300} bash scripts/train_default_model_gpu.sh
+OUT="$OUT/train" DEADLINE_S=${TRAIN_S:-150} bash scripts/train_default_model_gpu.sh
 fi
 
 if want smallstep; then
