@@ -28,7 +28,9 @@ PY=${PY:-python3}
 ROOT=${ROOT:-runs/default_model_stage16g_seed$SEED}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-if [ -d .whl ]; then   # packages the GPU machine lacks travel as wheels (docs/benchmarks.md)
+# Packages the GPU machine lacks travel as wheels (docs/benchmarks.md); bench/gpu_all.sh, when it
+# calls this script, has unpacked them already.
+if [ -d .whl ] && [[ ":${PYTHONPATH:-}:" != *":/tmp/site:"* ]]; then
     for w in .whl/*.whl; do "$PY" -m zipfile -e "$w" /tmp/site; done
     export PYTHONPATH=/tmp/site:$PWD
 fi
