@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from gpfm_train.models import DistillConfig, ExpertConfig, GPFMDistiller, build_student_backbone
-from gpfm_train.models.colour_expert import ColourHistogramExpert
+from gpfm_train.models.colour_expert import HISTOGRAM_SCALES, ColourHistogramExpert
 from gpfm_train.optim import apply_schedules, build_optimizer, build_param_groups
 from gpfm_train.schedules import ScheduleConfig, Schedules, build_schedules
 from napari_gpfm.errors import ConfigError, GPFMError, TrainingError, WeightsError
@@ -233,8 +233,9 @@ class ExpertSource:
 
     ``encoder`` is a registry name (``uni``, ``phikon``, ``conch``, ``timm:<arch>``; default:
     ``name``) or ``baseline:colour-histogram`` (:mod:`gpfm_train.models.colour_expert`: no
-    weights, CLS only); ``weights`` a file (``None``: search ``$GPFM_MODELS_DIR``). The rest is
-    the distiller's :class:`~gpfm_train.models.ExpertConfig`.
+    weights, CLS only); ``weights`` a file (``None``: search ``$GPFM_MODELS_DIR``).
+    ``histogram_scale`` (colour histogram only): ``linear`` (the default) or ``log`` targets.
+    The rest is the distiller's :class:`~gpfm_train.models.ExpertConfig`.
     """
 
     name: str
@@ -246,10 +247,20 @@ class ExpertSource:
     input_mean: tuple[float, float, float] | None = None
     input_std: tuple[float, float, float] | None = None
     clean_input: bool = False
+    histogram_scale: str | None = None
 
     def __post_init__(self) -> None:
+        where = f"expert {self.name!r} ({self.encoder_name})"
+        if self.histogram_scale is not None and not self.is_colour_histogram:
+            raise ConfigError(
+                f"{where}: histogram_scale applies to the colour-histogram expert only; drop it"
+            )
         if self.is_colour_histogram:
-            where = f"expert {self.name!r} ({self.encoder_name})"
+            if self.histogram_scale not in (None, *HISTOGRAM_SCALES):
+                raise ConfigError(
+                    f"{where}: histogram_scale={self.histogram_scale!r}; choose one of "
+                    f"{', '.join(HISTOGRAM_SCALES)}"
+                )
             if self.weights is not None:
                 raise ConfigError(f"{where}: the colour histogram has no weights; drop weights:")
             if self.patch_weight is not None:
@@ -413,7 +424,7 @@ def load_experts(
     experts: dict[str, nn.Module] = {}
     for source in kept:
         if source.is_colour_histogram:
-            experts[source.name] = ColourHistogramExpert()
+            experts[source.name] = ColourHistogramExpert(scale=source.histogram_scale or "linear")
             continue
         experts[source.name] = load_encoder(source.encoder_name, weights=source.weights,
                                             device=device)

@@ -12,6 +12,11 @@ pulling towards colour-robust structure. With ``clean_input: true`` (and
 colour jitter, grayscale, blur and solarisation: the tile's own colour, which every view of the
 tile shares, so the expert no longer asks the CLS to follow the jitter DINO teaches it to ignore.
 
+With ``histogram_scale: log`` the target is ``log1p`` of the densities. Under ``1 - cos`` the
+largest bins decide the target: a tile of a few keratin flakes on glass has nearly the target of
+clean glass, although the linear probe reads the flakes' rare colour bins well. The log scale
+compresses the dominant bins, so a colour that covers a few percent of a crop moves the target.
+
 The feature is exactly ``napari_gpfm``'s evaluation baseline ``baseline:colour-histogram``
 (:class:`napari_gpfm.evaluation.features.ColourHistogram`): ``bins`` bins per channel over 8-bit
 values, L1-normalised and multiplied by ``bins**3``. The expert expects RGB in ``[0, 1]``;
@@ -27,16 +32,24 @@ from torch import nn
 from napari_gpfm.errors import ConfigError
 from napari_gpfm.evaluation.features import ColourHistogram
 
-__all__ = ["ColourHistogramExpert"]
+__all__ = ["HISTOGRAM_SCALES", "ColourHistogramExpert"]
+
+HISTOGRAM_SCALES = ("linear", "log")
 
 
 class ColourHistogramExpert(nn.Module):
-    """``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``{"cls": (B, bins**3)}`` colour densities."""
+    """``(B, 3, H, W)`` RGB in ``[0, 1]`` -> ``{"cls": (B, bins**3)}`` colour densities
+    (``scale="log"``: their ``log1p``)."""
 
-    def __init__(self, bins: int = 8) -> None:
+    def __init__(self, bins: int = 8, scale: str = "linear") -> None:
         super().__init__()
         self.bins = ColourHistogram(bins).bins  # validates: bins must divide 256
         self.embed_dim = self.bins**3
+        if scale not in HISTOGRAM_SCALES:
+            raise ConfigError(
+                f"histogram_scale={scale!r}: choose one of {', '.join(HISTOGRAM_SCALES)}"
+            )
+        self.scale = scale
 
     def forward(self, x: torch.Tensor, patch_tokens: bool = False) -> dict[str, torch.Tensor]:
         if patch_tokens:
@@ -54,4 +67,5 @@ class ColourHistogramExpert(nn.Module):
         code = code.reshape(batch, -1) + offsets[:, None]
         counts = torch.bincount(code.reshape(-1), minlength=batch * self.embed_dim)
         counts = counts.reshape(batch, self.embed_dim).float()
-        return {"cls": counts * (self.embed_dim / counts.sum(dim=1, keepdim=True))}
+        density = counts * (self.embed_dim / counts.sum(dim=1, keepdim=True))
+        return {"cls": torch.log1p(density) if self.scale == "log" else density}

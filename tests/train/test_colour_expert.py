@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from gpfm_train.cli import fit, load_run_config
 from gpfm_train.models.colour_expert import ColourHistogramExpert
-from gpfm_train.module import GPFMPretrainModule, PretrainConfig
+from gpfm_train.module import ExpertSource, GPFMPretrainModule, PretrainConfig
 from napari_gpfm.errors import ConfigError, ParameterError
 from napari_gpfm.evaluation.features import ColourHistogram
 
@@ -87,6 +87,36 @@ def test_colour_expert_options_that_cannot_apply_are_refused():
         ColourHistogramExpert()(torch.zeros(1, 3, 14, 14), patch_tokens=True)
     with pytest.raises(ParameterError, match="bins=7"):
         ColourHistogramExpert(bins=7)
+
+
+def test_the_log_scale_lets_a_few_percent_of_rare_colour_move_the_target(sample_slide_path):
+    background, _, _, keratin = _sample_tiles(sample_slide_path)
+    flakes = background.copy()
+    flakes[:12, :12] = keratin[:12, :12]  # 4.6% of the tile: keratin flakes on glass
+    tiles = np.stack([background, flakes])
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
+    linear = ColourHistogramExpert()(x)["cls"]
+    log = ColourHistogramExpert(scale="log")(x)["cls"]
+    np.testing.assert_allclose(log.numpy(), np.log1p(ColourHistogram(bins=8).embed(tiles)),
+                               rtol=1e-6)
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(linear[:1], linear[1:])) > 0.999  # 1 - cos cannot tell them apart
+    assert float(cos(log[:1], log[1:])) < 0.9
+
+    module = GPFMPretrainModule(_small_config(histogram_scale="log"))
+    assert module.distiller.experts["colour"].scale == "log"
+    assert module.hparams["experts"][0]["histogram_scale"] == "log"
+    assert GPFMPretrainModule(_small_config()).distiller.experts["colour"].scale == "linear"
+
+
+def test_a_histogram_scale_is_refused_where_it_cannot_apply():
+    with pytest.raises(ConfigError, match="histogram_scale='sqrt'") as err:
+        _small_config(histogram_scale="sqrt")
+    assert "colour" in str(err.value) and "linear, log" in str(err.value)
+    with pytest.raises(ConfigError, match="colour-histogram expert only"):
+        ExpertSource(name="uni", histogram_scale="log")
+    with pytest.raises(ConfigError, match="histogram_scale='exp'"):
+        ColourHistogramExpert(scale="exp")
 
 
 class _HeadSnapshot(Callback):
