@@ -3,9 +3,10 @@
 # Stages 1-2 (their own configs), then default_model_stage3.yaml five times (stages 3-7), each
 # from the previous stage's exported teacher, and their mean; then two stages with the colour
 # expert: stage 8 once, stage 9 under four seeds; then stage 12R (the TCGA frozen section beside
-# the other sources, all eight orientations) under four seeds. The shipped weights are the mean
-# of the stage-9 soup and the stage-12R soup (docs/default-model.md). About 5.5 hours on 2 CPU
-# cores.
+# the other sources, all eight orientations) under four seeds, and the mean of the two soups;
+# then stage 17L (the colour expert's clean, log-scale target) under four seeds from that mean.
+# The shipped weights are the soup of the four stage-17L teachers (docs/default-model.md).
+# About 6.5 hours on 2 CPU cores.
 # Run from the repository root with the venv installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,8 +82,26 @@ stage12r() {
 in_pairs stage12r
 $py/gpfm-train average runs/default_model_stage12r_seed{0,1,2,3}/teacher.safetensors \
     --out runs/default_model_stage12r_soup.safetensors
-# The shipped model: the mean of the two soups.
+# The default shipped until stage 17L: the mean of the two soups.
 $py/gpfm-train average runs/default_model_stage9_soup.safetensors \
     runs/default_model_stage12r_soup.safetensors \
+    --out runs/default_model_mean12r.safetensors
+# Stage 17L: stage 12R's data from that mean, the colour expert reading the crop before its
+# jitter (clean_input) and its target on a log scale, under four seeds.
+stage17l() {
+    local root=runs/default_model_stage17l_seed$1
+    $py/gpfm-train fit --config $cfg/default_model_stage3.yaml \
+        --set model.schedule.freeze_backbone_epochs=10 \
+        --set 'model.experts=[{name: colour, encoder: "baseline:colour-histogram", clean_input: true, histogram_scale: log}]' \
+        --set data.crops.clean_global_crops=true \
+        --set model.backbone.init_weights=runs/default_model_mean12r.safetensors \
+        --set "$sources" --set data.crops.rot90_p=0.75 \
+        --set seed_everything=$1 --set data.seed=$1 --set trainer.default_root_dir=$root \
+        --set trainer.enable_progress_bar=false
+    $py/gpfm-train export $root/checkpoints/last.ckpt --out $root/teacher.safetensors
+}
+in_pairs stage17l
+# The shipped model: the soup of the four stage-17L teachers.
+$py/gpfm-train average runs/default_model_stage17l_seed{0,1,2,3}/teacher.safetensors \
     --out napari_gpfm/encoders/weights/default.safetensors
 $py/python scripts/evaluate_default_model.py
