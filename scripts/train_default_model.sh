@@ -70,14 +70,19 @@ $py/gpfm-train average runs/default_model_stage9_seed{0,1,2,3}/teacher.safetenso
 # sources, minus every tile that shares a pixel with the section's labelled evaluation
 # regions, and all eight orientations of a crop (a slide has no up or down).
 source scripts/default_model_sources.sh   # $sources: the data of stages 12R-16G
-stage12r() {
-    local root=runs/default_model_stage12r_seed$1
-    $py/gpfm-train fit --config $cfg/default_model_stage3.yaml "${colour[@]}" \
-        --set model.backbone.init_weights=runs/default_model_stage9_soup.safetensors \
+sectioned() {   # sectioned ROOT INIT SEED [--set ...]: stage 12R's data, one seed, exported
+    local root=$1 init=$2 seed=$3
+    shift 3
+    $py/gpfm-train fit --config $cfg/default_model_stage3.yaml "$@" \
+        --set model.backbone.init_weights=$init \
         --set "$sources" --set data.crops.rot90_p=0.75 \
-        --set seed_everything=$1 --set data.seed=$1 --set trainer.default_root_dir=$root \
+        --set seed_everything=$seed --set data.seed=$seed --set trainer.default_root_dir=$root \
         --set trainer.enable_progress_bar=false
     $py/gpfm-train export $root/checkpoints/last.ckpt --out $root/teacher.safetensors
+}
+stage12r() {
+    sectioned runs/default_model_stage12r_seed$1 runs/default_model_stage9_soup.safetensors $1 \
+        "${colour[@]}"
 }
 in_pairs stage12r
 $py/gpfm-train average runs/default_model_stage12r_seed{0,1,2,3}/teacher.safetensors \
@@ -89,16 +94,10 @@ $py/gpfm-train average runs/default_model_stage9_soup.safetensors \
 # Stage 17L: stage 12R's data from that mean, the colour expert reading the crop before its
 # jitter (clean_input) and its target on a log scale, under four seeds.
 stage17l() {
-    local root=runs/default_model_stage17l_seed$1
-    $py/gpfm-train fit --config $cfg/default_model_stage3.yaml \
+    sectioned runs/default_model_stage17l_seed$1 runs/default_model_mean12r.safetensors $1 \
         --set model.schedule.freeze_backbone_epochs=10 \
         --set 'model.experts=[{name: colour, encoder: "baseline:colour-histogram", clean_input: true, histogram_scale: log}]' \
-        --set data.crops.clean_global_crops=true \
-        --set model.backbone.init_weights=runs/default_model_mean12r.safetensors \
-        --set "$sources" --set data.crops.rot90_p=0.75 \
-        --set seed_everything=$1 --set data.seed=$1 --set trainer.default_root_dir=$root \
-        --set trainer.enable_progress_bar=false
-    $py/gpfm-train export $root/checkpoints/last.ckpt --out $root/teacher.safetensors
+        --set data.crops.clean_global_crops=true
 }
 in_pairs stage17l
 # The shipped model: the soup of the four stage-17L teachers.
