@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from gpfm_train.models import DistillConfig, ExpertConfig, GPFMDistiller, build_student_backbone
-from gpfm_train.models.colour_expert import HISTOGRAM_SCALES, ColourHistogramExpert
+from gpfm_train.models.colour_expert import ColourHistogramExpert, check_histogram_scale
 from gpfm_train.optim import apply_schedules, build_optimizer, build_param_groups
 from gpfm_train.schedules import ScheduleConfig, Schedules, build_schedules
 from napari_gpfm.errors import ConfigError, GPFMError, TrainingError, WeightsError
@@ -256,11 +256,11 @@ class ExpertSource:
                 f"{where}: histogram_scale applies to the colour-histogram expert only; drop it"
             )
         if self.is_colour_histogram:
-            if self.histogram_scale not in (None, *HISTOGRAM_SCALES):
-                raise ConfigError(
-                    f"{where}: histogram_scale={self.histogram_scale!r}; choose one of "
-                    f"{', '.join(HISTOGRAM_SCALES)}"
-                )
+            if self.histogram_scale is not None:
+                try:
+                    check_histogram_scale(self.histogram_scale)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
             if self.weights is not None:
                 raise ConfigError(f"{where}: the colour histogram has no weights; drop weights:")
             if self.patch_weight is not None:

@@ -32,9 +32,16 @@ from torch import nn
 from napari_gpfm.errors import ConfigError
 from napari_gpfm.evaluation.features import ColourHistogram
 
-__all__ = ["HISTOGRAM_SCALES", "ColourHistogramExpert"]
+__all__ = ["HISTOGRAM_SCALES", "ColourHistogramExpert", "check_histogram_scale"]
 
 HISTOGRAM_SCALES = ("linear", "log")
+
+
+def check_histogram_scale(scale: str) -> str:
+    """``scale`` if it is one of :data:`HISTOGRAM_SCALES`, else a one-line ConfigError."""
+    if scale not in HISTOGRAM_SCALES:
+        raise ConfigError(f"histogram_scale={scale!r}: choose one of {', '.join(HISTOGRAM_SCALES)}")
+    return scale
 
 
 class ColourHistogramExpert(nn.Module):
@@ -45,11 +52,7 @@ class ColourHistogramExpert(nn.Module):
         super().__init__()
         self.bins = ColourHistogram(bins).bins  # validates: bins must divide 256
         self.embed_dim = self.bins**3
-        if scale not in HISTOGRAM_SCALES:
-            raise ConfigError(
-                f"histogram_scale={scale!r}: choose one of {', '.join(HISTOGRAM_SCALES)}"
-            )
-        self.scale = scale
+        self.scale = check_histogram_scale(scale)
 
     def forward(self, x: torch.Tensor, patch_tokens: bool = False) -> dict[str, torch.Tensor]:
         if patch_tokens:
