@@ -8,7 +8,8 @@ a win; top-1 and top-5 compare whole queries):
 1. the issue's bar: the candidate's linear probe beats the colour histogram's on the main
    partition and in >= 6 of the 8 stability settings, its kNN in >= 7 of 8, its retrieval
    under augmentation beats both baselines; and no column is below the shipped model's 95%
-   interval;
+   interval. Only while the shipped model does not meet that bar itself: once it does, a
+   candidate has to improve on it by way 2 or 3;
 2. it beats the shipped model on all five columns;
 3. it beats the shipped model on >= 4 of the 5 columns, the others at most one query lower
    (top-k: one query; MRR: 1 / tiles; kNN and linear: not lower at all), none below the
@@ -159,6 +160,19 @@ def shown(value: float, metric: str, n_eval: int) -> str:
     return f"{value:.3f}"
 
 
+def issue_bar(main: dict, stability: dict) -> tuple[bool, bool, int, int, int, bool]:
+    """(the issue's bar met?, linear probe ahead of the histogram on the main partition?,
+    settings it leads in, settings, settings kNN leads in, retrieval above both baselines?)."""
+    linear_main = compare(main[(TRAINED, "linear", "balanced_accuracy")][0],
+                          main[(HISTOGRAM, "linear", "balanced_accuracy")][0]) > 0
+    linear_won, n_settings = settings_won(stability, "linear")
+    knn_won, _ = settings_won(stability, "kNN")
+    retrieval = all(compare(main[(TRAINED, p, m)][0], main[(base, p, m)][0]) > 0
+                    for _, p, m in RETRIEVAL for base in (RANDOM, HISTOGRAM))
+    bar = linear_main and linear_won >= 6 and knn_won >= 7 and retrieval
+    return bar, linear_main, linear_won, n_settings, knn_won, retrieval
+
+
 def judge(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, bool, list[str]]:
     """(replace the default by one of the three ways?, issue's bar met?, report lines)."""
     cand, ship = read_main(candidate_csv), read_main(shipped_csv)
@@ -180,13 +194,9 @@ def judge(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, bool, list[str]
             word += " (below the shipped 95% interval)"
         lines.append(f"{label:<11} {shown(c[0], metric, c[2]):<18} "
                      f"{shown(s[0], metric, s[2]):<18} {word}")
-    linear_main = compare(cand[(TRAINED, "linear", "balanced_accuracy")][0],
-                          cand[(HISTOGRAM, "linear", "balanced_accuracy")][0]) > 0
-    linear_won, n_settings = settings_won(stability, "linear")
-    knn_won, _ = settings_won(stability, "kNN")
-    retrieval = all(compare(cand[(TRAINED, p, m)][0], cand[(base, p, m)][0]) > 0
-                    for _, p, m in RETRIEVAL for base in (RANDOM, HISTOGRAM))
-    bar = linear_main and linear_won >= 6 and knn_won >= 7 and retrieval
+    bar, linear_main, linear_won, n_settings, knn_won, retrieval = issue_bar(cand, stability)
+    ship_stability = stability_path(shipped_csv)
+    shipped_bar = ship_stability.is_file() and issue_bar(ship, read_stability(ship_stability))[0]
     lines += [
         "",
         f"linear probe ahead of the histogram: main partition {'yes' if linear_main else 'no'}, "
@@ -198,7 +208,7 @@ def judge(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, bool, list[str]
     second, second_lines = second_slide(candidate_csv, shipped_csv)
     intervals = all(above_interval)
     ways = (
-        bar and intervals,
+        bar and intervals and not shipped_bar,
         all(v > 0 for v in verdicts),
         sum(v > 0 for v in verdicts) >= 4 and all(allowed) and intervals and second,
     )
@@ -208,7 +218,8 @@ def judge(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, bool, list[str]
         "no column below the shipped 95% interval: " + (
             yes[intervals] if ship[(TRAINED, "knn", "balanced_accuracy")][1] is not None
             else "no (the shipped file has no intervals: evaluate it with --bootstrap)"),
-        f"way 1, the issue's bar and no column below that interval: {yes[ways[0]]}",
+        f"way 1, the issue's bar and no column below that interval: {yes[ways[0]]}"
+        + (" (the shipped model meets the bar itself)" if shipped_bar else ""),
         f"way 2, beats it on all five columns (ties do not count): {yes[ways[1]]}",
         f"way 3, >= 4 columns, the rest within one query, none below the interval, and the "
         f"second slide: {yes[ways[2]]}",

@@ -4,9 +4,10 @@
 # from the previous stage's exported teacher, and their mean; then two stages with the colour
 # expert: stage 8 once, stage 9 under four seeds; then stage 12R (the TCGA frozen section beside
 # the other sources, all eight orientations) under four seeds, and the mean of the two soups;
-# then stage 17L (the colour expert's clean, log-scale target) under four seeds from that mean.
-# The shipped weights are the soup of the four stage-17L teachers (docs/default-model.md).
-# About 6.5 hours on 2 CPU cores.
+# then stage 17L (the colour expert's clean, log-scale target) under four seeds from that mean,
+# stage 18 (the same recipe) under four seeds from the 17L soup, and stage 19 under two seeds
+# from the mean of the 18 and 17L soups. The shipped weights are the mean of the stage-19 soup
+# and the stage-17L soup (docs/default-model.md). About 8.5 hours on 2 CPU cores.
 # Run from the repository root with the venv installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,16 +92,34 @@ $py/gpfm-train average runs/default_model_stage12r_seed{0,1,2,3}/teacher.safeten
 $py/gpfm-train average runs/default_model_stage9_soup.safetensors \
     runs/default_model_stage12r_soup.safetensors \
     --out runs/default_model_mean12r.safetensors
-# Stage 17L: stage 12R's data from that mean, the colour expert reading the crop before its
-# jitter (clean_input) and its target on a log scale, under four seeds.
-stage17l() {
-    sectioned runs/default_model_stage17l_seed$1 runs/default_model_mean12r.safetensors $1 \
+# Stages 17L-19: stage 12R's data, the colour expert reading the crop before its jitter
+# (clean_input) and its target on a log scale; each stage from the weights named below.
+logcolour() {   # logcolour STAGE INIT SEED
+    sectioned "runs/default_model_stage${1}_seed${3}" "$2" "$3" \
         --set model.schedule.freeze_backbone_epochs=10 \
         --set 'model.experts=[{name: colour, encoder: "baseline:colour-histogram", clean_input: true, histogram_scale: log}]' \
         --set data.crops.clean_global_crops=true
 }
+stage17l() { logcolour 17l runs/default_model_mean12r.safetensors "$1"; }
 in_pairs stage17l
-# The shipped model: the soup of the four stage-17L teachers.
+# The stage-17L soup (shipped until stage 19).
 $py/gpfm-train average runs/default_model_stage17l_seed{0,1,2,3}/teacher.safetensors \
+    --out runs/default_model_stage17l_soup.safetensors
+# Stage 18: the same recipe from that soup, four seeds; the mean of its soup and the 17L soup.
+stage18() { logcolour 18 runs/default_model_stage17l_soup.safetensors "$1"; }
+in_pairs stage18
+$py/gpfm-train average runs/default_model_stage18_seed{0,1,2,3}/teacher.safetensors \
+    --out runs/default_model_stage18_soup.safetensors
+$py/gpfm-train average runs/default_model_stage18_soup.safetensors \
+    runs/default_model_stage17l_soup.safetensors --out runs/default_model_mean18.safetensors
+# Stage 19: the same recipe from that mean, seeds 0-1 (one pair).
+logcolour 19 runs/default_model_mean18.safetensors 0 & pid0=$!
+logcolour 19 runs/default_model_mean18.safetensors 1 & pid1=$!
+wait $pid0; wait $pid1
+$py/gpfm-train average runs/default_model_stage19_seed{0,1}/teacher.safetensors \
+    --out runs/default_model_stage19_soup.safetensors
+# The shipped model: the mean of the stage-19 soup and the stage-17L soup.
+$py/gpfm-train average runs/default_model_stage19_soup.safetensors \
+    runs/default_model_stage17l_soup.safetensors \
     --out napari_gpfm/encoders/weights/default.safetensors
 $py/python scripts/evaluate_default_model.py

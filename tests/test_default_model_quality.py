@@ -3,9 +3,9 @@
 What the card claims, re-measured: the shipped weights beat the same network with random
 weights on every measure (kNN and linear probe on held-out regions of the sample slide, 5-fold
 cross-validation by region; finding a tile's original under augmentation), and the colour
-histogram on kNN and on augmentation retrieval. The linear probe against the histogram is not
-asserted: the card reports it as the one bar not met (ahead on the main partition, 0.929 vs
-0.920, but behind in 5 of the 8 partitions and tilings of its stability table). This
+histogram on every measure too (its linear probe on this main partition by a hair, 0.929 vs
+0.920; in how many of the 8 partitions and tilings it leads, the stability table's claim, is
+checked on the committed tables by tests/test_judge_default_model.py). This
 is the path `scripts/evaluate_default_model.py` takes for the card, without the bootstrap; a
 weights file swapped for a worse one, or a change to the encoder's preprocessing, fails here.
 """
@@ -28,8 +28,7 @@ MEASURES = [
     ("augretrieval", "top5"),
     ("augretrieval", "mrr"),
 ]
-BEATEN = [(baseline, *measure) for baseline in ("random", "histogram") for measure in MEASURES
-          if (baseline, measure[0]) != ("histogram", "linear")]
+BEATEN = [(baseline, *measure) for baseline in ("random", "histogram") for measure in MEASURES]
 
 
 @pytest.fixture(scope="module")
