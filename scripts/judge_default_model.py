@@ -195,8 +195,7 @@ def judge(candidate_csv: Path, shipped_csv: Path) -> tuple[bool, bool, list[str]
         lines.append(f"{label:<11} {shown(c[0], metric, c[2]):<18} "
                      f"{shown(s[0], metric, s[2]):<18} {word}")
     bar, linear_main, linear_won, n_settings, knn_won, retrieval = issue_bar(cand, stability)
-    ship_stability = stability_path(shipped_csv)
-    shipped_bar = ship_stability.is_file() and issue_bar(ship, read_stability(ship_stability))[0]
+    shipped_bar = issue_bar(ship, read_stability(stability_path(shipped_csv)))[0]
     lines += [
         "",
         f"linear probe ahead of the histogram: main partition {'yes' if linear_main else 'no'}, "

@@ -55,10 +55,13 @@ stage9() {
         --set trainer.enable_progress_bar=false
     $py/gpfm-train export $root/checkpoints/last.ckpt --out $root/teacher.safetensors
 }
-in_pairs() {   # run "$1 SEED" for seeds 0-3, two at a time (one core each)
-    for pair in "0 1" "2 3"; do
+in_pairs() {   # in_pairs FN [PAIR ...]: run "FN SEED" two at a time (one core each); pairs "0 1" "2 3" unless named
+    local fn=$1 pair seed
+    shift
+    [ $# -gt 0 ] || set -- "0 1" "2 3"
+    for pair in "$@"; do
         pids=()
-        for seed in $pair; do "$1" "$seed" & pids+=($!); done
+        for seed in $pair; do "$fn" "$seed" & pids+=($!); done
         for pid in "${pids[@]}"; do wait "$pid"; done   # set -e stops here if a seed failed
     done
 }
@@ -113,9 +116,8 @@ $py/gpfm-train average runs/default_model_stage18_seed{0,1,2,3}/teacher.safetens
 $py/gpfm-train average runs/default_model_stage18_soup.safetensors \
     runs/default_model_stage17l_soup.safetensors --out runs/default_model_mean18.safetensors
 # Stage 19: the same recipe from that mean, seeds 0-1 (one pair).
-logcolour 19 runs/default_model_mean18.safetensors 0 & pid0=$!
-logcolour 19 runs/default_model_mean18.safetensors 1 & pid1=$!
-wait $pid0; wait $pid1
+stage19() { logcolour 19 runs/default_model_mean18.safetensors "$1"; }
+in_pairs stage19 "0 1"
 $py/gpfm-train average runs/default_model_stage19_seed{0,1}/teacher.safetensors \
     --out runs/default_model_stage19_soup.safetensors
 # The shipped model: the mean of the stage-19 soup and the stage-17L soup.
